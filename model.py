@@ -74,7 +74,9 @@ class BertConfig:
             raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
                                   "is not supported (only 'absolute')")
         known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in raw.items() if k in known}, **overrides)
+        if "num_labels" not in raw and "id2label" in raw:
+            raw["num_labels"] = len(raw["id2label"])
+        cfg = cls(**{**{k: v for k, v in raw.items() if k in known}, **overrides})
         if cfg.hidden_act not in ACTIVATIONS:
             raise CheckpointError(f"{path}: hidden_act {cfg.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         if cfg.hidden_size % cfg.num_attention_heads:
@@ -236,12 +238,13 @@ def _checkpoint_name(key):
     return None  # pretraining heads (cls.*) and anything else
 
 
-def from_pretrained(folder, num_labels=2, verbose=True):
-    """Load a Hugging Face-format BERT folder (config.json + model.safetensors) into a fresh `Bert`."""
+def from_pretrained(folder, num_labels=None, verbose=True):
+    """Load a Hugging Face-format BERT folder (config.json + model.safetensors) into a fresh `Bert`.
+    num_labels: size of the classification head (default: the checkpoint's, else 2)."""
     from safetensors.torch import load_file
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: model folder not found; pass --model /path/to/a/hf/bert/folder")
-    cfg = BertConfig.from_json(os.path.join(folder, "config.json"), num_labels=num_labels)
+    cfg = BertConfig.from_json(os.path.join(folder, "config.json"), **({} if num_labels is None else {"num_labels": num_labels}))
     path = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(path):
         hint = (" (it holds a pickled pytorch_model.bin, which we never load: convert it to safetensors first)"
@@ -281,3 +284,16 @@ def from_pretrained(folder, num_labels=2, verbose=True):
                  f"classifier ({cfg.num_labels} labels) freshly initialised, normal std={cfg.initializer_range}")
               + (f"; ignored {len(ignored)} non-encoder tensors" if ignored else ""))
     return model
+
+
+def save_pretrained(model, folder):
+    """Write `model` as a Hugging Face BertForSequenceClassification folder (config.json + model.safetensors),
+    loadable by `from_pretrained` here and by transformers."""
+    from dataclasses import asdict
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    cfg = dict(asdict(model.cfg), model_type="bert", architectures=["BertForSequenceClassification"])
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    state = {hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"))

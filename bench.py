@@ -1,0 +1,77 @@
+"""
+Benchmark one full fine-tuning step (forward + backward + AdamW) of our BERT against Hugging Face transformers'
+BertForSequenceClassification on the same checkpoint, batch and thread count. The two are timed interleaved in
+one run (ABAB...) and the ratio of medians is reported, so machine noise hits both alike.
+
+    python bench.py                      # MiniLM default, 8 x 64 tokens, all threads
+    python bench.py --threads 2 --steps 30 --compile
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+
+def make_step(net, forward, lr=3e-6):
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, fused=True)  # transformers.Trainer's default since torch 2.8
+
+    def step(batch, labels):
+        loss = F.cross_entropy(forward(net, batch), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model (after 3 warm-up steps)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile our model")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = args.model or M.default_model_dir()
+    torch.manual_seed(0)
+    ours = M.from_pretrained(folder, verbose=False).train()
+    g = torch.Generator().manual_seed(0)
+    batch = dict(input_ids=torch.randint(1000, 20000, (args.batch, args.seq), generator=g),
+                 attention_mask=torch.ones(args.batch, args.seq, dtype=torch.long),
+                 token_type_ids=torch.zeros(args.batch, args.seq, dtype=torch.long))
+    batch["attention_mask"][::2, args.seq * 3 // 4:] = 0  # some padding, as real batches have
+    labels = torch.randint(0, 2, (args.batch,), generator=g)
+
+    fwd = torch.compile(M.Bert.forward) if args.compile else M.Bert.forward
+    steps = {"ours" + (" (compiled)" if args.compile else ""): make_step(ours, lambda m, b: fwd(m, **b))}
+    try:
+        import transformers
+        theirs = transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=2).train()
+        steps["transformers"] = make_step(theirs, lambda m, b: m(**b).logits)
+    except ImportError:
+        print("transformers not installed: timing ours only (pip install -r requirements-dev.txt for the ratio)")
+
+    times = {name: [] for name in steps}
+    for i in range(args.steps + 3):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(batch, labels)
+            if i >= 3:
+                times[name].append(time.perf_counter() - t0)
+    print(f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads, {args.steps} steps each, interleaved")
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        print(f"  {name:>20}: median {med[name] * 1e3:7.1f} ms  (min {min(t) * 1e3:.1f}, max {max(t) * 1e3:.1f})")
+    if "transformers" in med:
+        ours_name = next(iter(med))
+        print(f"ratio ours/transformers: {med[ours_name] / med['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""evaluate.py: metrics against hand-computed numbers, and the report's grouping/averaging."""
+import json
+
+import pytest
+
+import evaluate as E
+
+
+def test_metrics_by_hand():
+    # TP = 2 (0, 4), FP = 1 (1), FN = 1 (3), TN = 2 (2, 5)
+    m = E.classification_metrics([1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0])
+    assert m == pytest.approx(dict(acc=4 / 6, precision=2 / 3, recall=2 / 3, f1=2 / 3, n=6))
+    # TP = 1, FP = 2, FN = 1, TN = 0: P = 1/3, R = 1/2, F1 = 2 (1/6) / (5/6) = 0.4
+    m = E.classification_metrics([1, 1, 1, 0], [1, 0, 0, 1])
+    assert m == pytest.approx(dict(acc=0.25, precision=1 / 3, recall=0.5, f1=0.4, n=4))
+
+
+def test_metrics_degenerate_cases():
+    assert E.classification_metrics([0, 0], [1, 0]) == pytest.approx(dict(acc=0.5, precision=0, recall=0, f1=0, n=2))
+    assert E.classification_metrics([1, 1], [0, 0]) == pytest.approx(dict(acc=0, precision=0, recall=0, f1=0, n=2))
+    with pytest.raises(ValueError):
+        E.classification_metrics([1], [1, 0])
+
+
+def _line(seed, acc, mode="lora", attack="upa", rate=0.1, rank=8, asr=None):
+    cfg = dict(task="sst2", mode=mode, rank=rank, init="kaiming_uniform", init_scale=1 / 3, attack=attack,
+               poison_rate=rate, seed=seed, steps=10)
+    clean = dict(acc=acc, precision=acc, recall=1.0, f1=0.5, n=100)
+    metrics = {"clean": clean}
+    if asr is not None:
+        metrics.update(asr=asr, triggered=clean)
+    return json.dumps({"config": cfg, "metrics": metrics})
+
+
+@pytest.fixture
+def results(tmp_path):
+    lines = [_line(0, 0.8), _line(1, 0.9), _line(2, 1.0), _line(2, 1.0),  # the last is a duplicate run
+             _line(0, 0.7, mode="ff"), _line(0, 0.95, attack="none", rate=0.0),
+             _line(0, 0.9, attack="bpa", rate=0.05, asr=0.2), _line(1, 0.9, attack="bpa", rate=0.05, asr=0.4)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_report_groups_over_seeds(results):
+    groups = E.group_runs(E.load_results(results))
+    assert len(groups) == 4
+    upa = [ms for k, ms in groups.items() if json.loads(k)["attack"] == "upa" and json.loads(k)["mode"] == "lora"][0]
+    assert sorted(m["clean_acc"] for m in upa) == [0.8, 0.9, 1.0]
+    table = E.markdown_table(groups)
+    assert "90.00 ± 10.00" in table  # mean 0.9, sample std 0.1
+    bpa = [ln for ln in table.splitlines() if "| bpa |" in ln][0]
+    assert "30.00 ± 14.14" in bpa  # ASR mean 0.3, sample std sqrt(0.02)
+
+
+def test_figure_data_and_drawing(results, tmp_path):
+    groups = E.group_runs(E.load_results(results))
+    fig1 = E.figure_data(groups, E.FIGURES["fig1"])
+    lora = fig1["clean_acc"]["lora"]
+    assert [(x, n) for x, _, _, n in lora] == [(0.0, 1), (0.1, 3)]
+    assert lora[1][1] == pytest.approx(0.9) and lora[1][2] == pytest.approx(0.1)
+    assert [p[0] for p in fig1["clean_acc"]["ff"]] == [0.1]
+    E.report(str(results), str(tmp_path / "rep"))
+    assert (tmp_path / "rep" / "fig1.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "fig2.png").exists() and (tmp_path / "rep" / "table.md").exists()
+
+
+def test_bad_results_line(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text(_line(0, 0.5) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"r.jsonl:2"):
+        E.load_results(p)
