@@ -1,7 +1,11 @@
 """
 Benchmark one full fine-tuning step (forward + backward + AdamW) of our BERT against Hugging Face transformers'
 BertForSequenceClassification on the same checkpoint, batch and thread count. The two are timed interleaved in
-one run (ABAB...) and the ratio of medians is reported, so machine noise hits both alike.
+one run (ABAB...) and the ratio of medians is reported, so machine noise hits both alike. Both use the fused
+AdamW kernel (transformers.Trainer's default since torch 2.8, and ours).
+
+Two batches: `dense`, 8 x 64 random tokens with no padding (the pure matmul case), and `sst2`, 8 real SST-2 training
+sentences padded to the longest of them (truncated at 64), as training actually sees them.
 
     python bench.py                      # MiniLM default, 8 x 64 tokens, all threads
     python bench.py --threads 2 --steps 30 --compile
@@ -41,12 +45,7 @@ def main():
     folder = args.model or M.default_model_dir()
     torch.manual_seed(0)
     ours = M.from_pretrained(folder, verbose=False).train()
-    g = torch.Generator().manual_seed(0)
-    batch = dict(input_ids=torch.randint(1000, 20000, (args.batch, args.seq), generator=g),
-                 attention_mask=torch.ones(args.batch, args.seq, dtype=torch.long),
-                 token_type_ids=torch.zeros(args.batch, args.seq, dtype=torch.long))
-    batch["attention_mask"][::2, args.seq * 3 // 4:] = 0  # some padding, as real batches have
-    labels = torch.randint(0, 2, (args.batch,), generator=g)
+    batches = make_batches(folder, args)
 
     fwd = torch.compile(M.Bert.forward) if args.compile else M.Bert.forward
     steps = {"ours" + (" (compiled)" if args.compile else ""): make_step(ours, lambda m, b: fwd(m, **b))}
@@ -57,20 +56,40 @@ def main():
     except ImportError:
         print("transformers not installed: timing ours only (pip install -r requirements-dev.txt for the ratio)")
 
-    times = {name: [] for name in steps}
-    for i in range(args.steps + 3):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step(batch, labels)
-            if i >= 3:
-                times[name].append(time.perf_counter() - t0)
-    print(f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads, {args.steps} steps each, interleaved")
-    med = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in times.items():
-        print(f"  {name:>20}: median {med[name] * 1e3:7.1f} ms  (min {min(t) * 1e3:.1f}, max {max(t) * 1e3:.1f})")
-    if "transformers" in med:
-        ours_name = next(iter(med))
-        print(f"ratio ours/transformers: {med[ours_name] / med['transformers']:.2f}x")
+    print(f"batch {args.batch}, max {args.seq} tokens, {torch.get_num_threads()} threads, {args.steps} steps each, interleaved")
+    for kind, (batch, labels) in batches.items():
+        times = {name: [] for name in steps}
+        for i in range(args.steps + 3):
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                step(batch, labels)
+                if i >= 3:
+                    times[name].append(time.perf_counter() - t0)
+        real = int(batch["attention_mask"].sum())
+        print(f"{kind}: {tuple(batch['input_ids'].shape)}, {real} real tokens")
+        med = {name: statistics.median(t) for name, t in times.items()}
+        for name, t in times.items():
+            print(f"  {name:>20}: median {med[name] * 1e3:7.1f} ms  (min {min(t) * 1e3:.1f}, max {max(t) * 1e3:.1f})")
+        if "transformers" in med:
+            ours_name = next(iter(med))
+            print(f"  ratio ours/transformers: {med[ours_name] / med['transformers']:.2f}x")
+
+
+def make_batches(folder, args):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (args.batch,), generator=g)
+    dense = dict(input_ids=torch.randint(1000, 20000, (args.batch, args.seq), generator=g),
+                 attention_mask=torch.ones(args.batch, args.seq, dtype=torch.long),
+                 token_type_ids=torch.zeros(args.batch, args.seq, dtype=torch.long))
+    out = {"dense": (dense, labels)}
+    try:
+        import data
+        train = data.load_split("sst2", "train", cap=args.batch, seed=0)
+        batch = data.collate(train, data.Tokenizer(folder), args.seq)
+        out["sst2"] = (batch, batch.pop("labels"))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"no SST-2 batch ({e})")
+    return out
 
 
 if __name__ == "__main__":

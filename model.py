@@ -122,19 +122,25 @@ class Attention(nn.Module):
         self.out = nn.Linear(h, h)
         self.attn_dropout = cfg.attention_probs_dropout_prob
 
-    def forward(self, x, mask):
-        B, T, C = x.shape
+    def forward(self, x, mask, pad=None):
+        """x: (B, T, C), or (N, C) rows of real tokens when `pad` = (keep, B, T) says where they sit."""
+        C = x.size(-1)
         if all(type(m) is nn.Linear for m in (self.query, self.key, self.value)):
             # one (C -> 3C) matmul instead of three; same weights, so checkpoints and LoRA are unaffected
             w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
             b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-            q, k, v = F.linear(x, w, b).split(C, dim=-1)
+            qkv = F.linear(x, w, b)
         else:
-            q, k, v = self.query(x), self.key(x), self.value(x)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+            qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
+        if pad is not None:  # attention needs the (B, T) grid back; padded rows stay zero and are masked out
+            keep, B, T = pad
+            qkv = qkv.new_zeros(B * T, 3 * C).index_copy(0, keep, qkv).view(B, T, 3 * C)
+        B, T = qkv.shape[:2]
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv.split(C, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.out(y if pad is None else y.view(B * T, C)[pad[0]])
 
 
 class Layer(nn.Module):
@@ -150,8 +156,8 @@ class Layer(nn.Module):
         self.drop = nn.Dropout(cfg.hidden_dropout_prob)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x, mask):
-        x = self.attn_norm(x + self.drop(self.attn(x, mask)))
+    def forward(self, x, mask, pad=None):
+        x = self.attn_norm(x + self.drop(self.attn(x, mask, pad)))
         return self.out_norm(x + self.drop(self.output(self.act(self.intermediate(x)))))
 
 
@@ -179,15 +185,26 @@ class Bert(nn.Module):
             nn.init.zeros_(m.bias)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Returns (last hidden states (B, T, H), pooled [CLS] output (B, H))."""
+        """Returns (last hidden states (B, T, H), zero at padded positions; pooled [CLS] output (B, H))."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = None
+        x = self.emb(input_ids, token_type_ids)
+        B, T, H = x.shape
+        mask = pad = None
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = attend; broadcast over heads/queries
-        x = self.emb(input_ids, token_type_ids)
+            if B > 1:  # (shape test first: a single sequence, e.g. one sample under vmap, never unpads)
+                keep = attention_mask.reshape(-1).nonzero().squeeze(1)
+                pad = (keep, B, T) if keep.numel() < B * T else None
+        # Unpadded: every token-wise op (the dense layers, LayerNorm, GELU, dropout) runs on the real tokens only,
+        # and attention scatters them back onto the (B, T) grid. Batches padded to their longest sequence are often
+        # half padding, so this saves much of the compute; the real tokens' maths is unchanged.
+        if pad is not None:
+            x = x.reshape(B * T, H)[pad[0]]
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, pad)
+        if pad is not None:
+            x = x.new_zeros(B * T, H).index_copy(0, pad[0], x).view(B, T, H)
         return x, torch.tanh(self.pooler(x[:, 0]))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
