@@ -171,13 +171,13 @@ def _fmt(v):
 
 # what each figure of the paper plots: x axis, the runs it uses, the series (bands), and one panel per metric
 FIGURES = {
-    "fig1": dict(x="poison_rate", attacks=("none", "upa"), series="mode", lora={"rank": 8}, panels=["clean_acc", "clean_f1"],
+    "fig1": dict(x="poison_rate", attacks=("none", "upa"), series="mode", lora={"rank": 8, "init": "kaiming_uniform"}, panels=["clean_acc", "clean_f1"],
                  title="UPA: metric vs poisoning rate (Fig. 1)"),
-    "fig2": dict(x="poison_rate", attacks=("bpa",), series="mode", lora={"rank": 8}, panels=["asr", "trig_acc", "clean_acc"],
+    "fig2": dict(x="poison_rate", attacks=("bpa",), series="mode", lora={"rank": 8, "init": "kaiming_uniform"}, panels=["asr", "trig_acc", "clean_acc"],
                  title="BPA: metric vs poisoning rate (Fig. 2)"),
-    "fig4": dict(x="rank", attacks=("none", "upa", "bpa"), series="attack", lora={}, modes=("lora",),
+    "fig4": dict(x="rank", attacks=("none", "upa", "bpa"), series="attack", lora={"init": "kaiming_uniform"}, modes=("lora",),
                  panels=["clean_acc", "asr"], title="LoRA rank (Fig. 4)", logx=2),
-    "fig5": dict(x="init_scale", attacks=("none", "upa", "bpa"), series="attack", lora={"rank": 8}, modes=("lora",),
+    "fig5": dict(x="init_scale", attacks=("none", "upa", "bpa"), series="attack", lora={"rank": 8, "init": "kaiming_uniform"}, modes=("lora",),
                  panels=["clean_acc", "asr"], title="A-init variance scale k (Fig. 5)", logx=10),
 }
 

@@ -1,0 +1,174 @@
+"""
+Run the paper's experiment grids as resumable sweeps of train.py.
+
+    python sweep.py fig1 --protocol cpu          # run what is missing from results/cpu/results.jsonl
+    python sweep.py all --protocol cpu           # every grid, cheapest points first
+    python sweep.py fig4 --protocol paper --print  # one torchrun command per pending run (Slurm arrays etc.)
+    python sweep.py fig3                         # the Eq. 18 heatmap (no training)
+
+A run is keyed by its full configuration (train.py's config.json "run" section, with machine-specific paths reduced
+to names): one whose line is already in the results JSONL is skipped, so a sweep can be stopped at any point and
+continued later, and JSONL files from several machines merge by concatenation. An interrupted run is resumed from
+its checkpoint.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Protocols. `paper`: Sec. 4.1 of the paper (BERT-large, batch 8, 10,000 steps, 5 seeds, its learning rates).
+# `cpu`: what a 2-core machine affords with the embedded MiniLM (see results/REPORT.md for how it was chosen).
+PROTOCOLS = {
+    "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
+                  common=["--batch-size", "8", "--steps", "10000", "--max-len", "512", "--train-cap", "17500"],
+                  lr={"lora": "3e-5", "ff": "3e-6"}, ranks=(4, 8, 16, 32, 64, 128, 256, 512),
+                  upa_rates=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3), bpa_rates=(0.0015, 0.0025, 0.0035, 0.0045),
+                  upa_rate=0.2, bpa_rate=0.0015),
+    "cpu": dict(model=None, tasks=("sst2",), seeds=(0, 1, 2),
+                common=["--batch-size", "16", "--steps", "300", "--max-len", "64", "--eval-every", "0"],
+                lr={"lora": "5e-4", "ff": "3e-5"}, ranks=(4, 8, 16, 32, 64, 128, 256, 384),
+                upa_rates=(0.0, 0.1, 0.2, 0.3, 0.4), bpa_rates=(0.0, 0.005, 0.01, 0.02, 0.05),
+                upa_rate=0.3, bpa_rate=0.01),
+}
+SCALES = (0.0001, 0.001, 0.1, 0.333, 0.667, 1.0, 1.5, 2.0)  # A-init variance scales k (Sec. 4.4.2)
+
+
+def attack_flags(attack, rate):
+    return [] if attack == "none" or rate == 0 else ["--attack", attack, "--poison-rate", str(rate)]
+
+
+def grid(figure, p):
+    """Runs of one figure as lists of train.py flags (without --seed/--out/--results), cheapest first."""
+    runs = []
+    for task in p["tasks"]:
+        base = p["common"] + ["--task", task]
+        lora = base + ["--mode", "lora", "--rank", "8", "--alpha", "16", "--lr", p["lr"]["lora"]]
+        ff = base + ["--mode", "ff", "--lr", p["lr"]["ff"]]
+        if figure == "fig1":
+            runs += [m + attack_flags("upa", r) for r in p["upa_rates"] for m in (lora, ff)]
+        elif figure == "fig2":
+            runs += [m + attack_flags("bpa", r) for r in p["bpa_rates"] for m in (lora, ff)]
+        elif figure in ("fig4", "fig5"):
+            values = p["ranks"] if figure == "fig4" else SCALES
+            for cond in (("none", 0), ("upa", p["upa_rate"]), ("bpa", p["bpa_rate"])):
+                for v in values:
+                    flags = ["--rank", str(v)] if figure == "fig4" else ["--rank", "8", "--init-scale", str(v)]
+                    runs.append(base + ["--mode", "lora", "--alpha", "16", "--lr", p["lr"]["lora"]] + flags +
+                                attack_flags(*cond))
+        elif figure == "tabE1":
+            runs += [m + attack_flags(a, p["bpa_rate"]) for a in ("clbpa", "ilbpa", "mt", "sbpa") for m in (lora, ff)]
+        elif figure == "tabE2":
+            runs += [lora + ["--init", i, "--init-scale", str(k)] + attack_flags(*cond)
+                     for cond in (("none", 0), ("bpa", p["bpa_rate"]))
+                     for i in ("gaussian", "xavier_normal", "kaiming_uniform") for k in (0.333, 1.0, 2.0)]
+        else:
+            raise SystemExit(f"error: unknown figure {figure!r}; choose from {', '.join(FIGURES)}")
+    return runs
+
+
+FIGURES = ("fig1", "fig2", "fig4", "fig5", "tabE1", "tabE2")
+
+
+def run_key(config):
+    """A run's identity across machines: its config with folder paths reduced to names."""
+    cfg = {k: v for k, v in config.items() if k != "data_dir"}
+    model = os.path.normpath(cfg["model"])
+    cfg["model"] = os.path.basename(os.path.dirname(model)) if os.path.basename(model) == "model" else os.path.basename(model)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def resolve(flags):
+    """train.py's own parsing and defaults, so the key here is exactly the config train.py will record."""
+    sys.path.insert(0, ROOT)
+    import train
+    args = train.get_parser().parse_args(flags)
+    train.validate(args, 1)
+    return train.run_config(args)
+
+
+def done_keys(results):
+    keys = set()
+    if os.path.isfile(results):
+        with open(results) as f:
+            for line in f:
+                if line.strip():
+                    keys.add(run_key(json.loads(line)["config"]))
+    return keys
+
+
+def run_name(figure, flags, seed):
+    """A readable folder name from the flags that vary across grids."""
+    f = {}
+    for i, tok in enumerate(flags):
+        if tok.startswith("--") and i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            f[tok[2:]] = flags[i + 1]
+    parts = [f.get("task"), f.get("mode")]
+    if f.get("mode") == "lora":
+        parts += [f"r{f.get('rank')}", f.get("init", "ku")[:2], f"k{f.get('init-scale', '0.333')}"]
+    parts += [f"{f['attack']}{f['poison-rate']}" if "attack" in f else "clean", f"s{seed}"]
+    return os.path.join(figure, "-".join(parts))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("figure", help=f"one of {', '.join(FIGURES)}, fig3, or all")
+    ap.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS))
+    ap.add_argument("--model", default=None, help="BERT folder (the paper protocol needs bert-large-uncased)")
+    ap.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
+    ap.add_argument("--seeds", type=int, default=None, help="use only the first N seeds of the protocol")
+    ap.add_argument("--results", default=None, help="results JSONL (default: results/<protocol>/results.jsonl)")
+    ap.add_argument("--runs-dir", default=None, help="run folders (default: runs/<protocol>)")
+    ap.add_argument("--print", action="store_true", help="print the pending runs as torchrun commands and exit")
+    ap.add_argument("--limit", type=int, default=None, help="run at most N pending runs, then stop")
+    args = ap.parse_args(argv)
+    if args.figure == "fig3":
+        out = os.path.join(ROOT, "results", args.protocol)
+        return subprocess.run([sys.executable, os.path.join(ROOT, "ntk.py"), "fig3", "--out", out], check=True)
+    p = PROTOCOLS[args.protocol]
+    if args.protocol == "paper" and not args.model:
+        raise SystemExit("error: --protocol paper needs --model /path/to/bert-large-uncased")
+    results = args.results or os.path.join(ROOT, "results", args.protocol, "results.jsonl")
+    runs_dir = args.runs_dir or os.path.join(ROOT, "runs", args.protocol)
+    figures = FIGURES if args.figure == "all" else (args.figure,)
+    seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
+    extra = (["--model", args.model] if args.model else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
+
+    done, pending, seen = done_keys(results), [], set()
+    for seed in seeds:  # all figures' first seed before any second seed: partial sweeps are already informative
+        for figure in figures:
+            for flags in grid(figure, p):
+                flags = flags + extra + ["--seed", str(seed)]
+                key = run_key(resolve(flags))
+                if key not in done and key not in seen:  # grids share points (e.g. the clean LoRA run)
+                    seen.add(key)
+                    pending.append((run_name(figure, flags, seed), flags))
+    print(f"{args.figure} ({args.protocol}): {len(pending)} runs pending, {len(done)} in {results}", file=sys.stderr)
+    if args.print:
+        for name, flags in pending:
+            out = os.path.join(runs_dir, name)
+            print(" ".join(["torchrun", "--nproc_per_node", "1", "train.py", *flags, "--out", out, "--results", results,
+                            "--resume"]))
+        return
+    from tqdm import tqdm
+    failed = []
+    for name, flags in tqdm(pending[:args.limit], desc="sweep", unit="run", dynamic_ncols=True):
+        out = os.path.join(runs_dir, name)
+        resume = ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else ["--overwrite"]
+        t0 = time.time()
+        res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out,
+                              "--results", results, *resume], cwd=ROOT, capture_output=True, text=True)
+        tail = (res.stdout.strip().splitlines() or [""])[-1]
+        tqdm.write(f"{name}: {tail if res.returncode == 0 else 'FAILED: ' + res.stderr.strip()[-500:]} "
+                   f"({time.time() - t0:.0f}s)")
+        if res.returncode:
+            failed.append(name)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} runs failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
