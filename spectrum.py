@@ -1,0 +1,139 @@
+"""
+Beyond the paper: measure the link it only argues. For trained clean LoRA runs across ranks and A-init variances,
+compute the Fisher spectrum of the trainable parameters (ntk.fisher_spectrum) on clean training samples and on
+their poisoned counterparts (UPA: labels flipped; BPA: trigger inserted, label set to the target), summarise it as
+information bits (Eq. 9) and Renyi entropies (Eq. 10), and correlate those with the robustness the sweeps measured
+at the same rank/variance/seed: the accuracy drop under UPA and the ASR under BPA (Spearman, with n).
+
+    python spectrum.py --protocol cpu            # measure what is missing, then write results/cpu/spectrum.md
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ALPHAS = (0.5, 1.0, 2.0)
+SUMMARIES = ["ib"] + [f"h{a:g}" for a in ALPHAS]
+
+
+def spearman(x, y):
+    """Spearman's rank correlation (average ranks for ties) = Pearson correlation of the ranks."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(1, len(v) + 1)
+        for value in np.unique(v):  # ties share the mean of their ranks
+            tie = v == value
+            r[tie] = r[tie].mean()
+        return r
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"spearman needs two equal-length samples of at least 3 (got {len(x)}, {len(y)})")
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def summarise(eigs):
+    import ntk
+    return {"ib": ntk.information_bits(eigs), **{f"h{a:g}": ntk.renyi_entropy(eigs, a) for a in ALPHAS}}
+
+
+def measure(run_dir, samples, seed=0):
+    """IB and H_alpha of the trained run's LoRA-parameter Fisher on clean, label-flipped and triggered samples."""
+    import argparse as ap
+    import attacks
+    import data
+    import lora
+    import ntk
+    import train
+    with open(os.path.join(run_dir, "config.json")) as f:
+        args = ap.Namespace(**json.load(f)["run"])
+    net, _ = train.build_model(args)
+    lora.load_lora(net, os.path.join(run_dir, "adapter.safetensors"))
+    tok = data.Tokenizer(args.model)
+    clean = data.load_split(args.task, "train", args.data_dir, cap=samples, seed=seed + 12345)  # not the run's order
+    sets = {"clean": clean,
+            "upa": attacks.poison("upa", clean, 1.0, seed=seed)[0],
+            "bpa": attacks.poison("bpa", clean, 1.0, seed=seed, any_label=True)[0]}
+    out = {}
+    for name, examples in sets.items():
+        batch = data.collate(examples, tok, args.max_len)
+        eigs = ntk.fisher_spectrum(net, batch, params="lora", kind="empirical")
+        out[name] = summarise(eigs)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", default="cpu")
+    p.add_argument("--samples", type=int, default=64, help="training samples per spectrum")
+    args = p.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    import evaluate
+    import sweep
+    res_dir = os.path.join(ROOT, "results", args.protocol)
+    runs = evaluate.load_results(os.path.join(res_dir, "results.jsonl"))
+    spec_path = os.path.join(res_dir, "spectrum.jsonl")
+    measured = {}
+    if os.path.isfile(spec_path):
+        with open(spec_path) as f:
+            for line in f:
+                r = json.loads(line)
+                measured[r["key"]] = r
+    clean = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["attack"] == "none"
+             and r["config"]["init"] == "kaiming_uniform"]
+    from tqdm import tqdm
+    for r in tqdm([r for r in clean if sweep.run_key(r["config"]) not in measured], desc="spectra", unit="run"):
+        if not os.path.isfile(os.path.join(r["out"], "adapter.safetensors")):
+            tqdm.write(f"{r['out']}: weights not on this machine; skipped")
+            continue
+        line = {"key": sweep.run_key(r["config"]), "config": r["config"], "samples": args.samples,
+                "spectra": measure(r["out"], args.samples)}
+        with open(spec_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        measured[line["key"]] = line
+    proto = sweep.PROTOCOLS[args.protocol]
+    report(runs, list(measured.values()), os.path.join(res_dir, "spectrum.md"), proto["upa_rate"], proto["bpa_rate"])
+
+
+def _partner(runs, cfg, attack, rate):
+    """The run that differs from clean run `cfg` only in the attack and its rate."""
+    same = lambda c: {k: v for k, v in c.items() if k not in ("attack", "poison_rate")}
+    for r in runs:
+        c = r["config"]
+        if c["attack"] == attack and c["poison_rate"] == rate and same(c) == same(cfg):
+            return r
+    return None
+
+
+def report(runs, spectra, path, upa_rate, bpa_rate):
+    """Spearman correlations of each spectral summary with UPA accuracy drop and BPA ASR, over matched runs."""
+    rows = []
+    for s in spectra:
+        cfg = s["config"]
+        clean = _partner(runs, cfg, "none", 0.0)
+        upa, bpa = _partner(runs, cfg, "upa", upa_rate), _partner(runs, cfg, "bpa", bpa_rate)
+        rows.append(dict(spectra=s["spectra"], rank=cfg["rank"], scale=cfg["init_scale"],
+                         drop=clean["metrics"]["clean"]["acc"] - upa["metrics"]["clean"]["acc"] if clean and upa else None,
+                         asr=bpa["metrics"]["asr"] if bpa else None))
+    lines = ["| spectrum of | summary | vs UPA acc drop: rho (n) | vs BPA ASR: rho (n) |", "|---|---|---|---|"]
+    for data_set in ("clean", "upa", "bpa"):
+        for summ in SUMMARIES:
+            cells = []
+            for target in ("drop", "asr"):
+                pts = [(r["spectra"][data_set][summ], r[target]) for r in rows if r[target] is not None]
+                cells.append(f"{spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})")
+            lines.append(f"| {data_set} | {summ} | {cells[0]} | {cells[1]} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
