@@ -71,6 +71,7 @@ def grid(figure, p):
 
 
 FIGURES = ("fig1", "fig2", "fig4", "fig5", "tabE1", "tabE2")
+STAGES = (("fig1", "fig2"), ("fig4", "fig5"), ("tabE1", "tabE2"))  # run order: partial sweeps are informative
 
 
 def run_key(config):
@@ -124,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--runs-dir", default=None, help="run folders (default: runs/<protocol>)")
     ap.add_argument("--print", action="store_true", help="print the pending runs as torchrun commands and exit")
     ap.add_argument("--limit", type=int, default=None, help="run at most N pending runs, then stop")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (threads are split between them)")
     args = ap.parse_args(argv)
     if args.figure == "fig3":
         out = os.path.join(ROOT, "results", args.protocol)
@@ -138,8 +140,9 @@ def main(argv=None):
     extra = (["--model", args.model] if args.model else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
 
     done, pending, seen = done_keys(results), [], set()
-    for seed in seeds:  # all figures' first seed before any second seed: partial sweeps are already informative
-        for figure in figures:
+    order = [(stage, seed) for stage in STAGES for seed in seeds]  # headline figures first, one seed at a time
+    for stage, seed in order:
+        for figure in [f for f in stage if f in figures]:
             for flags in grid(figure, p):
                 flags = flags + extra + ["--seed", str(seed)]
                 key = run_key(resolve(flags))
@@ -154,18 +157,34 @@ def main(argv=None):
                             "--resume"]))
         return
     from tqdm import tqdm
-    failed = []
-    for name, flags in tqdm(pending[:args.limit], desc="sweep", unit="run", dynamic_ncols=True):
-        out = os.path.join(runs_dir, name)
-        resume = ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else ["--overwrite"]
-        t0 = time.time()
-        res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out,
-                              "--results", results, *resume], cwd=ROOT, capture_output=True, text=True)
-        tail = (res.stdout.strip().splitlines() or [""])[-1]
-        tqdm.write(f"{name}: {tail if res.returncode == 0 else 'FAILED: ' + res.stderr.strip()[-500:]} "
-                   f"({time.time() - t0:.0f}s)")
-        if res.returncode:
-            failed.append(name)
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    procs, failed = {}, []
+    bar = tqdm(total=len(pending[:args.limit]), desc="sweep", unit="run", dynamic_ncols=True)
+    todo = list(pending[:args.limit])
+    while todo or procs:
+        while todo and len(procs) < args.jobs:
+            name, flags = todo.pop(0)
+            out = os.path.join(runs_dir, name)
+            resume = ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else ["--overwrite"]
+            cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out, "--results", results, *resume]
+            log = os.path.join(runs_dir, "logs", name + ".log")  # a file, not a pipe: tqdm output would fill a pipe
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "w") as f:
+                procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                                env=dict(os.environ, OMP_NUM_THREADS=threads)), time.time(), log)
+        time.sleep(0.5)
+        for name, (proc, t0, log) in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            del procs[name]
+            with open(log) as f:
+                tail = (f.read().strip().splitlines() or [""])[-1]
+            bar.write(f"{name}: {tail if proc.returncode == 0 else 'FAILED (' + log + '): ' + tail} "
+                      f"({time.time() - t0:.0f}s)")
+            bar.update(1)
+            if proc.returncode:
+                failed.append(name)
+    bar.close()
     if failed:
         raise SystemExit(f"error: {len(failed)} runs failed: {', '.join(failed)}")
 
