@@ -49,8 +49,15 @@ class UsageError(ValueError):
     """Bad flags or inputs: one line on stderr, exit code 2."""
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the empty ones (None/False) whose help text already says what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     a = p.add_argument
     a("--task", default="sst2", help=f"GLUE binary task: {', '.join(data.TASKS)}")
     a("--data-dir", default=None, help="GLUE folder with <TASK>/{train,dev}.tsv (default: $GLUE_DIR, else ../shared/data/glue)")
