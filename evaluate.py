@@ -225,13 +225,83 @@ def draw(name, data_, spec, path):
     plt.close(fig)
 
 
+def spearman(x, y):
+    """Spearman's rank correlation (average ranks for ties) = Pearson correlation of the ranks; nan if constant."""
+    import numpy as np
+
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        r = np.empty(len(v))
+        r[v.argsort(kind="mergesort")] = np.arange(1, len(v) + 1)
+        for value in np.unique(v):  # ties share the mean of their ranks
+            r[v == value] = r[v == value].mean()
+        return r
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"spearman needs two equal-length samples of at least 3 (got {len(x)}, {len(y)})")
+    rx, ry = ranks(x), ranks(y)
+    return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _pairs(runs, attack):
+    """(clean run, attacked run) pairs whose configs differ only in attack and rate (same seed, same everything)."""
+    strip = lambda c: json.dumps({k: v for k, v in c.items() if k not in ("attack", "poison_rate")}, sort_keys=True)
+    clean = {strip(r["config"]): r for r in runs if r["config"]["attack"] == "none"}
+    return [(clean[strip(r["config"])], r) for r in runs
+            if r["config"]["attack"] == attack and strip(r["config"]) in clean]
+
+
+def _default_lora(c):
+    return c["mode"] == "ff" or (c["rank"] == 8 and c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6)
+
+
+def findings(runs):
+    """The measured effects behind the paper's findings F1-F4, as Markdown (mean ± sample std over seeds, n)."""
+    ms = lambda v: "%+.2f ± %.2f (n=%d)" % (*(100 * x for x in mean_std(v)), len(v)) if v else "no runs"
+    out = ["F1 (UPA hurts LoRA more): accuracy drop clean -> UPA, LoRA minus FF, in points, paired by seed"]
+    drops = defaultdict(dict)
+    for clean, bad in _pairs(runs, "upa"):
+        c = bad["config"]
+        if _default_lora(c):
+            drops[(c["poison_rate"], c["seed"])][c["mode"]] = clean["metrics"]["clean"]["acc"] - bad["metrics"]["clean"]["acc"]
+    for rate in sorted({r for r, _ in drops}):
+        d = [v["lora"] - v["ff"] for (r, _), v in drops.items() if r == rate and len(v) == 2]
+        out.append(f"- rate {rate:g}: {ms(d)}")
+    out.append("F2 (LoRA resists BPA better): ASR of FF minus ASR of LoRA, in points, paired by seed")
+    asr = defaultdict(dict)
+    for r in runs:
+        c = r["config"]
+        if c["attack"] == "bpa" and _default_lora(c):
+            asr[(c["poison_rate"], c["seed"])][c["mode"]] = r["metrics"]["asr"]
+    for rate in sorted({r for r, _ in asr}):
+        d = [v["ff"] - v["lora"] for (r, _), v in asr.items() if r == rate and len(v) == 2]
+        out.append(f"- rate {rate:g}: {ms(d)}")
+    for name, key, keep in (("F3 (rank)", "rank", lambda c: c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6),
+                            ("F4 (A-init variance k)", "init_scale", lambda c: c["init"] == "kaiming_uniform" and c["rank"] == 8)):
+        lora = [r for r in runs if r["config"]["mode"] == "lora" and keep(r["config"])]
+        upa = [(b["config"]["poison_rate"], b["config"][key], a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"])
+               for a, b in _pairs(lora, "upa")]
+        bpa = [(r["config"]["poison_rate"], r["config"][key], r["metrics"]["asr"]) for r in lora if r["config"]["attack"] == "bpa"]
+        for what, pts in (("UPA accuracy drop", upa), ("BPA ASR", bpa)):
+            for rate in sorted({p[0] for p in pts}):  # one correlation per poisoning rate, where the sweep varied `key`
+                xy = [p[1:] for p in pts if p[0] == rate]
+                if len({x for x, _ in xy}) >= 3:
+                    out.append(f"{name}: Spearman of {key} with {what} at rate {rate:g}: "
+                               f"{spearman(*zip(*xy)):+.2f} (n={len(xy)} runs, {len({x for x, _ in xy})} values)")
+    return "\n".join(out)
+
+
 def report(results, out_dir):
-    groups = group_runs(load_results(results))
+    runs = load_results(results)
+    groups = group_runs(runs)
     os.makedirs(out_dir, exist_ok=True)
     table = markdown_table(groups)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    found = findings(runs)
+    with open(os.path.join(out_dir, "findings.md"), "w") as f:
+        f.write(found + "\n")
+    print(found)
     for name, spec in FIGURES.items():
         d = figure_data(groups, spec)
         if d:

@@ -12,31 +12,10 @@ import json
 import os
 import sys
 
-import numpy as np
-import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ALPHAS = (0.5, 1.0, 2.0)
 SUMMARIES = ["ib"] + [f"h{a:g}" for a in ALPHAS]
-
-
-def spearman(x, y):
-    """Spearman's rank correlation (average ranks for ties) = Pearson correlation of the ranks."""
-    def ranks(v):
-        v = np.asarray(v, dtype=float)
-        order = v.argsort(kind="mergesort")
-        r = np.empty(len(v))
-        r[order] = np.arange(1, len(v) + 1)
-        for value in np.unique(v):  # ties share the mean of their ranks
-            tie = v == value
-            r[tie] = r[tie].mean()
-        return r
-    if len(x) != len(y) or len(x) < 3:
-        raise ValueError(f"spearman needs two equal-length samples of at least 3 (got {len(x)}, {len(y)})")
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def summarise(eigs):
@@ -102,33 +81,22 @@ def main(argv=None):
     report(runs, list(measured.values()), os.path.join(res_dir, "spectrum.md"), proto["upa_rate"], proto["bpa_rate"])
 
 
-def _partner(runs, cfg, attack, rate):
-    """The run that differs from clean run `cfg` only in the attack and its rate."""
-    same = lambda c: {k: v for k, v in c.items() if k not in ("attack", "poison_rate")}
-    for r in runs:
-        c = r["config"]
-        if c["attack"] == attack and c["poison_rate"] == rate and same(c) == same(cfg):
-            return r
-    return None
-
-
 def report(runs, spectra, path, upa_rate, bpa_rate):
     """Spearman correlations of each spectral summary with UPA accuracy drop and BPA ASR, over matched runs."""
-    rows = []
-    for s in spectra:
-        cfg = s["config"]
-        clean = _partner(runs, cfg, "none", 0.0)
-        upa, bpa = _partner(runs, cfg, "upa", upa_rate), _partner(runs, cfg, "bpa", bpa_rate)
-        rows.append(dict(spectra=s["spectra"], rank=cfg["rank"], scale=cfg["init_scale"],
-                         drop=clean["metrics"]["clean"]["acc"] - upa["metrics"]["clean"]["acc"] if clean and upa else None,
-                         asr=bpa["metrics"]["asr"] if bpa else None))
+    import evaluate
+    key = lambda c: json.dumps(c, sort_keys=True)
+    drop = {key(a["config"]): a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"]
+            for a, b in evaluate._pairs(runs, "upa") if b["config"]["poison_rate"] == upa_rate}
+    asr = {key(a["config"]): b["metrics"]["asr"]
+           for a, b in evaluate._pairs(runs, "bpa") if b["config"]["poison_rate"] == bpa_rate}
+    rows = [dict(spectra=s["spectra"], drop=drop.get(key(s["config"])), asr=asr.get(key(s["config"]))) for s in spectra]
     lines = ["| spectrum of | summary | vs UPA acc drop: rho (n) | vs BPA ASR: rho (n) |", "|---|---|---|---|"]
     for data_set in ("clean", "upa", "bpa"):
         for summ in SUMMARIES:
             cells = []
             for target in ("drop", "asr"):
                 pts = [(r["spectra"][data_set][summ], r[target]) for r in rows if r[target] is not None]
-                cells.append(f"{spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})")
+                cells.append(f"{evaluate.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})")
             lines.append(f"| {data_set} | {summ} | {cells[0]} | {cells[1]} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -70,3 +70,16 @@ def test_bad_results_line(tmp_path):
     p.write_text(_line(0, 0.5) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"r.jsonl:2"):
         E.load_results(p)
+
+
+def test_findings_effect_sizes_by_hand(tmp_path):
+    lines = [_line(0, 0.90, attack="none", rate=0.0), _line(0, 0.80, rate=0.1),  # LoRA drop 0.10
+             _line(0, 0.90, mode="ff", attack="none", rate=0.0), _line(0, 0.85, mode="ff", rate=0.1),  # FF drop 0.05
+             _line(0, 0.9, attack="bpa", rate=0.01, asr=0.2), _line(0, 0.9, mode="ff", attack="bpa", rate=0.01, asr=0.5)]
+    lines += [_line(0, 0.9, attack="bpa", rate=0.01, rank=r, asr=a) for r, a in ((4, 0.1), (16, 0.3))]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    text = E.findings(E.load_results(path))
+    assert "- rate 0.1: +5.00 ± 0.00 (n=1)" in text      # (0.10 - 0.05) in points
+    assert "- rate 0.01: +30.00 ± 0.00 (n=1)" in text     # 0.5 - 0.2
+    assert "Spearman of rank with BPA ASR at rate 0.01: +1.00 (n=3 runs, 3 values)" in text

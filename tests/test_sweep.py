@@ -4,22 +4,22 @@ import math
 
 import pytest
 
-import spectrum
+import evaluate
 import sweep
 
 
 def test_spearman_closed_form_without_ties():
     # rho = 1 - 6 sum d^2 / (n (n^2 - 1)); d = (-1, 1, -1, 1, 0) -> 1 - 24/120
-    assert spectrum.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
-    assert spectrum.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert evaluate.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert evaluate.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
 
 
 def test_spearman_with_ties_uses_average_ranks():
     # ranks x = (1, 2.5, 2.5, 4), y = (1, 2, 3, 4): Pearson = 4.5 / sqrt(4.5 * 5)
-    assert spectrum.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
-    assert math.isnan(spectrum.spearman([1, 1, 1], [1, 2, 3]))
+    assert evaluate.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert math.isnan(evaluate.spearman([1, 1, 1], [1, 2, 3]))
     with pytest.raises(ValueError):
-        spectrum.spearman([1, 2], [1, 2])
+        evaluate.spearman([1, 2], [1, 2])
 
 
 def test_grids_have_the_paper_shape():
