@@ -156,7 +156,8 @@ def markdown_table(groups):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(groups, key=lambda k: [str(json.loads(k).get(c)) for c in TABLE_KEYS]):
         cfg, ms = json.loads(key), groups[key]
-        cells = [_fmt(cfg.get(c)) if not (c == "rank" and cfg["mode"] == "ff") else "-" for c in TABLE_KEYS]
+        lora_only = ("rank", "init", "init_scale")  # meaningless for full fine-tuning
+        cells = [_fmt(cfg.get(c)) if not (c in lora_only and cfg["mode"] == "ff") else "-" for c in TABLE_KEYS]
         cells.append(str(len(ms)))
         for m in TABLE_METRICS:
             vals = [x[m] for x in ms if m in x]
