@@ -51,7 +51,7 @@ def measure(run_dir, samples, seed=0):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", default="cpu")
-    p.add_argument("--samples", type=int, default=64, help="training samples per spectrum")
+    p.add_argument("--samples", type=int, default=32, help="training samples per spectrum")
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
     import evaluate
@@ -64,6 +64,9 @@ def main(argv=None):
         with open(spec_path) as f:
             for line in f:
                 r = json.loads(line)
+                if r["samples"] != args.samples:  # spectra over different sample counts are not comparable
+                    raise SystemExit(f"error: {spec_path} holds spectra over {r['samples']} samples; "
+                                     f"pass --samples {r['samples']} or move the file away")
                 measured[r["key"]] = r
     clean = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["attack"] == "none"
              and r["config"]["init"] == "kaiming_uniform"]
