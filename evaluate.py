@@ -194,11 +194,18 @@ def figure_data(groups, spec):
             continue
         if spec["x"] != "init_scale" and cfg["mode"] == "lora" and abs(cfg["init_scale"] - 1 / 3) > 1e-6:
             continue
+        series = cfg[spec["series"]]
+        if spec["series"] == "attack":  # rank/variance sweeps: one band per (attack, rate)
+            series = "clean" if series == "none" else f"{series} {cfg['poison_rate']:g}"
         for panel in spec["panels"]:
             vals = [m[panel] for m in ms if panel in m]
             if vals:
-                out[panel][cfg[spec["series"]]].append((cfg[spec["x"]], *mean_std(vals), len(vals)))
-    return {p: {s: sorted(pts) for s, pts in series.items()} for p, series in out.items()}
+                out[panel][series].append((cfg[spec["x"]], *mean_std(vals), len(vals)))
+    # a series is a sweep over x: points that only share a rank/variance with another grid (e.g. fig1's rank-8
+    # runs at other rates) have fewer than 3 x values there and are left out
+    keep = 3 if spec["series"] == "attack" else 1
+    return {p: {s: sorted(pts) for s, pts in series.items() if len({x for x, *_ in pts}) >= keep}
+            for p, series in out.items()}
 
 
 def draw(name, data_, spec, path):
