@@ -13,7 +13,6 @@ shape. Module names are chosen so that LoRA can target layers by name (lora.py):
     classifier                            the task head (always fully trainable)
 """
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, fields

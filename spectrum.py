@@ -10,7 +10,6 @@ at the same rank/variance/seed: the accuracy drop under UPA and the ASR under BP
 import argparse
 import json
 import os
-import sys
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +52,6 @@ def main(argv=None):
     p.add_argument("--protocol", default="cpu")
     p.add_argument("--samples", type=int, default=32, help="training samples per spectrum")
     args = p.parse_args(argv)
-    sys.path.insert(0, ROOT)
     import evaluate
     import sweep
     res_dir = os.path.join(ROOT, "results", args.protocol)

@@ -84,7 +84,6 @@ def run_key(config):
 
 def resolve(flags):
     """train.py's own parsing and defaults, so the key here is exactly the config train.py will record."""
-    sys.path.insert(0, ROOT)
     import train
     args = train.get_parser().parse_args(flags)
     train.validate(args, 1)

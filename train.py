@@ -19,10 +19,8 @@ Output folder (--out): config.json, metrics.json, poisoned_indices.json, the tra
 """
 import argparse
 import json
-import math
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
