@@ -86,10 +86,9 @@ def summary_line(metrics):
 # -----------------------------------------------------------------------------
 # python evaluate.py RUN_DIR
 
-def reevaluate(run_dir):
-    """Rebuild a finished run from config.json + its saved weights and evaluate it again on the dev set."""
+def load_run(run_dir):
+    """(the run's flags as a Namespace, its trained model) rebuilt from config.json and the saved weights."""
     import argparse
-    import data
     import lora
     import model as M
     import train
@@ -100,6 +99,14 @@ def reevaluate(run_dir):
         lora.load_lora(net, os.path.join(run_dir, "adapter.safetensors"))
     else:
         net = M.from_pretrained(os.path.join(run_dir, "model"), verbose=False)
+    return args, net
+
+
+def reevaluate(run_dir):
+    """Rebuild a finished run from config.json + its saved weights and evaluate it again on the dev set."""
+    import data
+    import train
+    args, net = load_run(run_dir)
     dev = data.load_split(args.task, "dev", args.data_dir, cap=args.dev_cap, seed=args.seed)
     return evaluate(net, data.Tokenizer(args.model), dev, args.attack, train.attack_opts(args), args.max_len)
 

@@ -24,16 +24,11 @@ def summarise(eigs):
 
 def measure(run_dir, samples, seed=0):
     """IB and H_alpha of the trained run's LoRA-parameter Fisher on clean, label-flipped and triggered samples."""
-    import argparse as ap
     import attacks
     import data
-    import lora
+    import evaluate
     import ntk
-    import train
-    with open(os.path.join(run_dir, "config.json")) as f:
-        args = ap.Namespace(**json.load(f)["run"])
-    net, _ = train.build_model(args)
-    lora.load_lora(net, os.path.join(run_dir, "adapter.safetensors"))
+    args, net = evaluate.load_run(run_dir)
     tok = data.Tokenizer(args.model)
     clean = data.load_split(args.task, "train", args.data_dir, cap=samples, seed=seed + 12345)  # not the run's order
     sets = {"clean": clean,

@@ -18,6 +18,7 @@ Output folder (--out): config.json, metrics.json, poisoned_indices.json, the tra
 + a peft-format export in peft/; FF: a Hugging Face-format model/), and one summary line appended to --results.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -133,16 +134,14 @@ def run_config(args):
 # -----------------------------------------------------------------------------
 # data order: seeded permutation per epoch, global batches cut into numbered micro-batches
 
-def global_batch(step, n, batch_size, seed, _perms={}):
+@functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def global_batch(step, n, batch_size, seed):
     """Indices of the training samples in optimizer step `step` (epochs wrap around)."""
-    idx = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch = pos // n
-        if (seed, epoch, n) not in _perms:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            _perms[(seed, epoch, n)] = torch.randperm(n, generator=g).tolist()
-        idx.append(_perms[(seed, epoch, n)][pos % n])
-    return idx
+    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(step * batch_size, (step + 1) * batch_size)]
 
 
 def micro_batches(step, n, args, rank, world):
