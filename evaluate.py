@@ -190,6 +190,16 @@ FIGURES = {
 }
 
 
+# the appendix tables, selected like the figures: x = the table's rows, one column per (metric, series)
+TABLES = {
+    "tabE1": dict(x="attack", attacks=("clbpa", "ilbpa", "mt", "sbpa"), series="mode", lora={"rank": 8, "init": "kaiming_uniform"},
+                  panels=["asr", "clean_acc", "clean_precision", "clean_recall", "clean_f1"], title="Extra backdoors (Table E.1)"),
+    **{f"tabE2 {init}": dict(x="init_scale", attacks=("none", "bpa"), series="attack", lora={"rank": 8, "init": init}, modes=("lora",),
+                             panels=["clean_acc", "asr"], xs=(0.333, 1.0, 2.0), title=f"A-init type {init} x variance scale k (Table E.2)")
+       for init in ("gaussian", "xavier_normal", "kaiming_uniform")},
+}
+
+
 def figure_data(groups, spec):
     """{panel: {series: [(x, mean, std, n), ...] sorted by x}} for one figure spec."""
     out = defaultdict(lambda: defaultdict(list))
@@ -201,6 +211,8 @@ def figure_data(groups, spec):
             continue
         if spec["x"] != "init_scale" and cfg["mode"] == "lora" and abs(cfg["init_scale"] - 1 / 3) > 1e-6:
             continue
+        if "xs" in spec and cfg[spec["x"]] not in spec["xs"]:
+            continue
         series = cfg[spec["series"]]
         if spec["series"] == "attack":  # rank/variance sweeps: one band per (attack, rate)
             series = "clean" if series == "none" else f"{series} {cfg['poison_rate']:g}"
@@ -211,8 +223,21 @@ def figure_data(groups, spec):
     # a series is a sweep over x: points that only share a rank/variance with another grid (e.g. fig1's rank-8
     # runs at other rates) have fewer than 3 x values there and are left out
     keep = 3 if spec["series"] == "attack" else 1
-    return {p: {s: sorted(pts) for s, pts in series.items() if len({x for x, *_ in pts}) >= keep}
-            for p, series in out.items()}
+    kept = {p: {s: sorted(pts) for s, pts in series.items() if len({x for x, *_ in pts}) >= keep} for p, series in out.items()}
+    return {p: series for p, series in kept.items() if series}
+
+
+def figure_table(data_, spec):
+    """One figure's or table's numbers as Markdown: a row per x value, a column per (metric, series), in % ("mean ±
+    std (n seeds)"); what REPORT.md quotes."""
+    cols = [(p, s) for p in spec["panels"] if p in data_ for s in sorted(data_[p], key=lambda s: (s != "clean", s))]
+    cell = lambda m, sd, n: "%.1f ± %.1f (%d)" % (100 * m, 100 * sd, n) if n > 1 else "%.1f (1)" % (100 * m)
+    cells = {(p, s, x): cell(m, sd, n) for p, s in cols for x, m, sd, n in data_[p][s]}
+    xs = sorted({x for p, s, x in cells}, key=lambda v: (isinstance(v, str), v))
+    head = [spec["x"]] + [f"{p} · {s}" for p, s in cols]
+    lines = [f"### {spec['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([_fmt(x)] + [cells.get((p, s, x), "") for p, s in cols]) + " |" for x in xs]
+    return "\n".join(lines)
 
 
 def draw(name, data_, spec, path):
@@ -317,11 +342,16 @@ def report(results, out_dir):
     with open(os.path.join(out_dir, "findings.md"), "w") as f:
         f.write(found + "\n")
     print(found)
-    for name, spec in FIGURES.items():
+    tables = []
+    for name, spec in {**FIGURES, **TABLES}.items():
         d = figure_data(groups, spec)
         if d:
-            draw(name, d, spec, os.path.join(out_dir, f"{name}.png"))
-            print(f"wrote {os.path.join(out_dir, name + '.png')}")
+            tables.append(figure_table(d, spec))
+            if name in FIGURES:
+                draw(name, d, spec, os.path.join(out_dir, f"{name}.png"))
+                print(f"wrote {os.path.join(out_dir, name + '.png')}")
+    with open(os.path.join(out_dir, "tables.md"), "w") as f:
+        f.write("# The paper's figures and tables as numbers: mean ± sample std in % (seeds)\n\n" + "\n\n".join(tables) + "\n")
 
 
 def main(argv=None):
@@ -329,7 +359,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="a run folder, or 'report'")
     p.add_argument("results", nargs="?", help="with report: the results JSONL")
-    p.add_argument("--out", default=None, help="with report: folder for table.md and figures (default: beside the JSONL)")
+    p.add_argument("--out", default=None, help="with report: folder for table.md, tables.md, findings.md and figures (default: beside the JSONL)")
     args = p.parse_args(argv)
     try:
         if args.target == "report":

@@ -60,7 +60,13 @@ def test_figure_data_and_drawing(results, tmp_path):
     assert [(x, n) for x, _, _, n in lora] == [(0.0, 1), (0.1, 3)]
     assert lora[1][1] == pytest.approx(0.9) and lora[1][2] == pytest.approx(0.1)
     assert [p[0] for p in fig1["clean_acc"]["ff"]] == [0.1]
+    table = E.figure_table(fig1, E.FIGURES["fig1"]).splitlines()
+    assert table[2] == "| poison_rate | clean_acc · ff | clean_acc · lora | clean_f1 · ff | clean_f1 · lora |"
+    row = [ln for ln in table if ln.startswith("| 0.1 |")][0].split(" | ")
+    assert row[2] == "90.0 ± 10.0 (3)"  # LoRA at rate 0.1: accuracies 0.8, 0.9, 1.0
+    assert [ln for ln in table if ln.startswith("| 0 |")][0].split(" | ")[1:3] == ["", "95.0 (1)"]  # one LoRA clean run (0.95), no FF one
     E.report(str(results), str(tmp_path / "rep"))
+    assert "90.0 ± 10.0 (3)" in (tmp_path / "rep" / "tables.md").read_text()
     assert (tmp_path / "rep" / "fig1.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "fig2.png").exists() and (tmp_path / "rep" / "table.md").exists()
 
