@@ -78,22 +78,35 @@ def main(argv=None):
 
 
 def report(runs, spectra, path, upa_rate, bpa_rate):
-    """Spearman correlations of each spectral summary with UPA accuracy drop and BPA ASR, over matched runs."""
+    """Spearman correlations of each spectral summary with UPA accuracy drop and BPA ASR, over matched runs, and over
+    cells (rank/variance settings: summary and robustness averaged over their seeds, so a cell counts once)."""
     import evaluate
     key = lambda c: json.dumps(c, sort_keys=True)
     drop = {key(a["config"]): a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"]
             for a, b in evaluate._pairs(runs, "upa") if b["config"]["poison_rate"] == upa_rate}
     asr = {key(a["config"]): b["metrics"]["asr"]
            for a, b in evaluate._pairs(runs, "bpa") if b["config"]["poison_rate"] == bpa_rate}
-    rows = [dict(spectra=s["spectra"], drop=drop.get(key(s["config"])), asr=asr.get(key(s["config"]))) for s in spectra]
-    lines = ["| spectrum of | summary | vs UPA acc drop: rho (n) | vs BPA ASR: rho (n) |", "|---|---|---|---|"]
+    rows = [dict(spectra=s["spectra"], drop=drop.get(key(s["config"])), asr=asr.get(key(s["config"])),
+                 cell=key({k: v for k, v in s["config"].items() if k != "seed"})) for s in spectra]
+
+    def rho(pts):
+        return f"{evaluate.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})"
+
+    def cell_means(pts):
+        cells = {}
+        for cell, x, y in pts:
+            cells.setdefault(cell, []).append((x, y))
+        return [tuple(sum(v) / len(v) for v in zip(*xy)) for xy in cells.values()]
+
+    lines = ["| spectrum of | summary | vs UPA acc drop: runs rho (n) | cells rho (n) | vs BPA ASR: runs rho (n) | cells rho (n) |",
+             "|---|---|---|---|---|---|"]
     for data_set in ("clean", "upa", "bpa"):
         for summ in SUMMARIES:
             cells = []
             for target in ("drop", "asr"):
-                pts = [(r["spectra"][data_set][summ], r[target]) for r in rows if r[target] is not None]
-                cells.append(f"{evaluate.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})")
-            lines.append(f"| {data_set} | {summ} | {cells[0]} | {cells[1]} |")
+                pts = [(r["cell"], r["spectra"][data_set][summ], r[target]) for r in rows if r[target] is not None]
+                cells += [rho([p[1:] for p in pts]), rho(cell_means(pts))]
+            lines.append(f"| {data_set} | {summ} | " + " | ".join(cells) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -49,3 +49,19 @@ def test_finished_runs_are_skipped(tmp_path, capsys):
     assert len(lines) == 2 * len(sweep.PROTOCOLS["cpu"]["upa_rates"]) - 1
     assert all(ln.startswith("torchrun --nproc_per_node 1 train.py") and "--seed 0" in ln for ln in lines)
     assert "1 in" in out.err
+
+
+def test_spectrum_correlations_over_runs_and_over_seed_averaged_cells(tmp_path):
+    import spectrum
+    runs, spectra = [], []
+    # (rank, seed, spectral summary x, UPA accuracy drop y); by hand: run ranks of y are 1 3 2 4 5 6 against x's
+    # 1..6, so rho = 1 - 6 * 2 / (6 * 35) = 0.943; the cell means (1.5, 0.2), (3.5, 0.3), (5.5, 0.55) are monotone
+    for rank, seed, x, y in [(4, 0, 1, 0.1), (4, 1, 2, 0.3), (8, 0, 3, 0.2), (8, 1, 4, 0.4), (16, 0, 5, 0.5), (16, 1, 6, 0.6)]:
+        cfg = dict(mode="lora", rank=rank, seed=seed, attack="none", poison_rate=0.0)
+        runs.append(dict(config=cfg, metrics={"clean": {"acc": 0.9}}))
+        runs.append(dict(config={**cfg, "attack": "upa", "poison_rate": 0.3}, metrics={"clean": {"acc": 0.9 - y}}))
+        summary = {s: x for s in spectrum.SUMMARIES}
+        spectra.append(dict(config=cfg, spectra={d: summary for d in ("clean", "upa", "bpa")}))
+    spectrum.report(runs, spectra, tmp_path / "s.md", upa_rate=0.3, bpa_rate=0.01)
+    row = (tmp_path / "s.md").read_text().splitlines()[2].split(" | ")
+    assert row[2:] == ["+0.94 (6)", "+1.00 (3)", "- (0)", "- (0) |"]  # no BPA runs: nothing to correlate
