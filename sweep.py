@@ -27,12 +27,12 @@ PROTOCOLS = {
                   common=["--batch-size", "8", "--steps", "10000", "--max-len", "512", "--train-cap", "17500"],
                   lr={"lora": "3e-5", "ff": "3e-6"}, ranks=(4, 8, 16, 32, 64, 128, 256, 512),
                   upa_rates=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3), bpa_rates=(0.0015, 0.0025, 0.0035, 0.0045),
-                  upa_rate=0.2, bpa_rate=0.0015),
+                  upa_rate=0.2, bpa_rate=0.0015, bpa_rate2=0.0045),
     "cpu": dict(model=None, tasks=("sst2",), seeds=(0, 1, 2),
                 common=["--batch-size", "16", "--steps", "300", "--max-len", "64", "--eval-every", "0"],
                 lr={"lora": "5e-4", "ff": "3e-5"}, ranks=(4, 8, 16, 32, 64, 128, 256, 384),
                 upa_rates=(0.0, 0.1, 0.2, 0.3, 0.4), bpa_rates=(0.0, 0.005, 0.01, 0.02, 0.05),
-                upa_rate=0.3, bpa_rate=0.01),
+                upa_rate=0.3, bpa_rate=0.01, bpa_rate2=0.02),
 }
 SCALES = (0.0001, 0.001, 0.1, 0.333, 0.667, 1.0, 1.5, 2.0)  # A-init variance scales k (Sec. 4.4.2)
 
@@ -52,11 +52,15 @@ def grid(figure, p):
             runs += [m + attack_flags("upa", r) for r in p["upa_rates"] for m in (lora, ff)]
         elif figure == "fig2":
             runs += [m + attack_flags("bpa", r) for r in p["bpa_rates"] for m in (lora, ff)]
-        elif figure in ("fig4", "fig5"):
-            values = p["ranks"] if figure == "fig4" else SCALES
-            for cond in (("none", 0), ("upa", p["upa_rate"]), ("bpa", p["bpa_rate"])):
+        elif figure in ("fig4", "fig5", "fig4b", "fig5b"):
+            values = p["ranks"] if figure.startswith("fig4") else SCALES
+            # fig4b/fig5b: the BPA condition again at bpa_rate2, where LoRA's ASR is neither at its clean baseline
+            # nor saturated (a follow-up added after bpa_rate left it at baseline; see results/REPORT.md)
+            conds = (("none", 0), ("upa", p["upa_rate"]), ("bpa", p["bpa_rate"])) if figure in ("fig4", "fig5") \
+                else (("bpa", p["bpa_rate2"]),)
+            for cond in conds:
                 for v in values:
-                    flags = ["--rank", str(v)] if figure == "fig4" else ["--rank", "8", "--init-scale", str(v)]
+                    flags = ["--rank", str(v)] if figure.startswith("fig4") else ["--rank", "8", "--init-scale", str(v)]
                     runs.append(base + ["--mode", "lora", "--alpha", "16", "--lr", p["lr"]["lora"]] + flags +
                                 attack_flags(*cond))
         elif figure == "tabE1":
@@ -70,8 +74,8 @@ def grid(figure, p):
     return runs
 
 
-FIGURES = ("fig1", "fig2", "fig4", "fig5", "tabE1", "tabE2")
-STAGES = (("fig1", "fig2"), ("fig4", "fig5"), ("tabE1", "tabE2"))  # run order: partial sweeps are informative
+FIGURES = ("fig1", "fig2", "fig4", "fig5", "tabE1", "tabE2", "fig4b", "fig5b")
+STAGES = (("fig1", "fig2"), ("fig4", "fig5"), ("tabE1", "tabE2"), ("fig4b", "fig5b"))  # run order: partial sweeps are informative
 
 
 def run_key(config):

@@ -27,6 +27,8 @@ def test_grids_have_the_paper_shape():
     assert len(sweep.grid("fig1", cpu)) == 2 * len(cpu["upa_rates"])  # LoRA and FF at each rate
     assert len(sweep.grid("fig4", cpu)) == 3 * len(cpu["ranks"])  # clean, UPA, BPA at each rank
     assert len(sweep.grid("fig5", cpu)) == 3 * len(sweep.SCALES)
+    assert len(sweep.grid("fig4b", cpu)) == len(cpu["ranks"])  # BPA at the second rate only
+    assert all(g[-2:] == ["--poison-rate", str(cpu["bpa_rate2"])] for g in sweep.grid("fig5b", cpu))
     assert len(sweep.grid("tabE2", cpu)) == 2 * 3 * 3
     with pytest.raises(SystemExit):
         sweep.grid("fig9", cpu)
