@@ -306,15 +306,16 @@ def findings(runs):
     for rate in sorted({r for r, _ in drops}):
         d = [v["lora"] - v["ff"] for (r, _), v in drops.items() if r == rate and len(v) == 2]
         out.append(f"- rate {rate:g}: {ms(d)}")
-    out.append("F2 (LoRA resists BPA better): ASR of FF minus ASR of LoRA, in points, paired by seed")
+    out.append("F2 (LoRA resists BPA better; App. E.1 for the other backdoors): ASR of FF minus ASR of LoRA, in points, "
+               "paired by seed")
     asr = defaultdict(dict)
     for r in runs:
         c = r["config"]
-        if c["attack"] == "bpa" and _default_lora(c):
-            asr[(c["poison_rate"], c["seed"])][c["mode"]] = r["metrics"]["asr"]
-    for rate in sorted({r for r, _ in asr}):
-        d = [v["ff"] - v["lora"] for (r, _), v in asr.items() if r == rate and len(v) == 2]
-        out.append(f"- rate {rate:g}: {ms(d)}")
+        if c["attack"] in BACKDOORS and _default_lora(c):
+            asr[(c["attack"], c["poison_rate"], c["seed"])][c["mode"]] = r["metrics"]["asr"]
+    for attack, rate in sorted({k[:2] for k in asr}, key=lambda k: (BACKDOORS.index(k[0]), k[1])):
+        d = [v["ff"] - v["lora"] for k, v in asr.items() if k[:2] == (attack, rate) and len(v) == 2]
+        out.append(f"- {attack} rate {rate:g}: {ms(d)}")
     for name, key, keep in (("F3 (rank)", "rank", lambda c: c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6),
                             ("F4 (A-init variance k)", "init_scale", lambda c: c["init"] == "kaiming_uniform" and c["rank"] == 8)):
         lora = [r for r in runs if r["config"]["mode"] == "lora" and keep(r["config"])]
