@@ -74,20 +74,22 @@ def main(argv=None):
             f.write(json.dumps(line) + "\n")
         measured[line["key"]] = line
     proto = sweep.PROTOCOLS[args.protocol]
-    report(runs, list(measured.values()), os.path.join(res_dir, "spectrum.md"), proto["upa_rate"], proto["bpa_rate"])
+    report(runs, list(measured.values()), os.path.join(res_dir, "spectrum.md"), proto["upa_rate"],
+           (proto["bpa_rate"], proto["bpa_rate2"]))
 
 
-def report(runs, spectra, path, upa_rate, bpa_rate):
-    """Spearman correlations of each spectral summary with UPA accuracy drop and BPA ASR, over matched runs, and over
-    cells (rank/variance settings: summary and robustness averaged over their seeds, so a cell counts once)."""
+def report(runs, spectra, path, upa_rate, bpa_rates):
+    """Spearman correlations of each spectral summary with UPA accuracy drop and BPA ASR (at each of bpa_rates), over
+    matched runs, and over cells (rank/variance settings: summary and robustness averaged over their seeds, so a cell
+    counts once)."""
     import evaluate
     key = lambda c: json.dumps(c, sort_keys=True)
     drop = {key(a["config"]): a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"]
             for a, b in evaluate._pairs(runs, "upa") if b["config"]["poison_rate"] == upa_rate}
-    asr = {key(a["config"]): b["metrics"]["asr"]
-           for a, b in evaluate._pairs(runs, "bpa") if b["config"]["poison_rate"] == bpa_rate}
-    rows = [dict(spectra=s["spectra"], drop=drop.get(key(s["config"])), asr=asr.get(key(s["config"])),
-                 cell=key({k: v for k, v in s["config"].items() if k != "seed"})) for s in spectra]
+    targets = {f"UPA {upa_rate:g} acc drop": drop}
+    for rate in bpa_rates:
+        targets[f"BPA {rate:g} ASR"] = {key(a["config"]): b["metrics"]["asr"]
+                                        for a, b in evaluate._pairs(runs, "bpa") if b["config"]["poison_rate"] == rate}
 
     def rho(pts):
         return f"{evaluate.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})"
@@ -98,13 +100,14 @@ def report(runs, spectra, path, upa_rate, bpa_rate):
             cells.setdefault(cell, []).append((x, y))
         return [tuple(sum(v) / len(v) for v in zip(*xy)) for xy in cells.values()]
 
-    lines = ["| spectrum of | summary | vs UPA acc drop: runs rho (n) | cells rho (n) | vs BPA ASR: runs rho (n) | cells rho (n) |",
-             "|---|---|---|---|---|---|"]
+    head = ["spectrum of", "summary"] + [f"vs {t}: {over} rho (n)" for t in targets for over in ("runs", "cells")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for data_set in ("clean", "upa", "bpa"):
         for summ in SUMMARIES:
             cells = []
-            for target in ("drop", "asr"):
-                pts = [(r["cell"], r["spectra"][data_set][summ], r[target]) for r in rows if r[target] is not None]
+            for values in targets.values():
+                pts = [(key({k: v for k, v in s["config"].items() if k != "seed"}), s["spectra"][data_set][summ],
+                        values[key(s["config"])]) for s in spectra if key(s["config"]) in values]
                 cells += [rho([p[1:] for p in pts]), rho(cell_means(pts))]
             lines.append(f"| {data_set} | {summ} | " + " | ".join(cells) + " |")
     with open(path, "w") as f:

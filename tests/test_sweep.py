@@ -64,6 +64,6 @@ def test_spectrum_correlations_over_runs_and_over_seed_averaged_cells(tmp_path):
         runs.append(dict(config={**cfg, "attack": "upa", "poison_rate": 0.3}, metrics={"clean": {"acc": 0.9 - y}}))
         summary = {s: x for s in spectrum.SUMMARIES}
         spectra.append(dict(config=cfg, spectra={d: summary for d in ("clean", "upa", "bpa")}))
-    spectrum.report(runs, spectra, tmp_path / "s.md", upa_rate=0.3, bpa_rate=0.01)
+    spectrum.report(runs, spectra, tmp_path / "s.md", upa_rate=0.3, bpa_rates=(0.01,))
     row = (tmp_path / "s.md").read_text().splitlines()[2].split(" | ")
     assert row[2:] == ["+0.94 (6)", "+1.00 (3)", "- (0)", "- (0) |"]  # no BPA runs: nothing to correlate
