@@ -319,15 +319,21 @@ def findings(runs):
     for name, key, keep in (("F3 (rank)", "rank", lambda c: c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6),
                             ("F4 (A-init variance k)", "init_scale", lambda c: c["init"] == "kaiming_uniform" and c["rank"] == 8)):
         lora = [r for r in runs if r["config"]["mode"] == "lora" and keep(r["config"])]
-        upa = [(b["config"]["poison_rate"], b["config"][key], a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"])
-               for a, b in _pairs(lora, "upa")]
-        bpa = [(r["config"]["poison_rate"], r["config"][key], r["metrics"]["asr"]) for r in lora if r["config"]["attack"] == "bpa"]
+        upa = [(b["config"]["poison_rate"], b["config"]["seed"], b["config"][key],
+                a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"]) for a, b in _pairs(lora, "upa")]
+        bpa = [(r["config"]["poison_rate"], r["config"]["seed"], r["config"][key], r["metrics"]["asr"])
+               for r in lora if r["config"]["attack"] == "bpa"]
         for what, pts in (("UPA accuracy drop", upa), ("BPA ASR", bpa)):
             for rate in sorted({p[0] for p in pts}):  # one correlation per poisoning rate, where the sweep varied `key`
-                xy = [p[1:] for p in pts if p[0] == rate]
+                xy = [p[2:] for p in pts if p[0] == rate]
                 if len({x for x, _ in xy}) >= 3:
+                    # within one seed only the swept value changes (same data order and poison; in the k sweep, the same A up to scale)
+                    per_seed = {sd: [p[2:] for p in pts if p[:2] == (rate, sd)] for sd in sorted({p[1] for p in pts})}
+                    within = ", ".join(f"seed {sd} {spearman(*zip(*v)):+.2f}" for sd, v in per_seed.items()
+                                       if len({x for x, _ in v}) >= 3)
                     out.append(f"{name}: Spearman of {key} with {what} at rate {rate:g}: "
-                               f"{spearman(*zip(*xy)):+.2f} (n={len(xy)} runs, {len({x for x, _ in xy})} values)")
+                               f"{spearman(*zip(*xy)):+.2f} (n={len(xy)} runs, {len({x for x, _ in xy})} values); "
+                               f"within seeds: {within}")
     return "\n".join(out)
 
 

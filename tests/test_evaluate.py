@@ -88,7 +88,7 @@ def test_findings_effect_sizes_by_hand(tmp_path):
     text = E.findings(E.load_results(path))
     assert "- rate 0.1: +5.00 ± 0.00 (n=1)" in text      # (0.10 - 0.05) in points
     assert "- bpa rate 0.01: +30.00 ± 0.00 (n=1)" in text     # 0.5 - 0.2
-    assert "Spearman of rank with BPA ASR at rate 0.01: +1.00 (n=3 runs, 3 values)" in text
+    assert "Spearman of rank with BPA ASR at rate 0.01: +1.00 (n=3 runs, 3 values); within seeds: seed 0 +1.00" in text
     # Fig. 4 bands are per (attack, rate) sweeps over rank; the lone rank-8 UPA point belongs to Fig. 1 only
     fig4 = E.figure_data(E.group_runs(E.load_results(path)), E.FIGURES["fig4"])
     assert list(fig4["asr"]) == ["bpa 0.01"] and [p[0] for p in fig4["asr"]["bpa 0.01"]] == [4, 8, 16]
