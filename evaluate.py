@@ -137,12 +137,16 @@ def flat_metrics(r):
     return out
 
 
+def setting_key(config):
+    """A run's setting: its config without the seed (json), shared by the runs that repeat it over seeds."""
+    return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+
+
 def group_runs(runs):
-    """Group runs whose configs differ only in the seed: {config-without-seed (json): [flat metrics, ...]}."""
+    """Group runs whose configs differ only in the seed: {setting_key: [flat metrics, ...]}."""
     groups = defaultdict(list)
     for r in runs:
-        key = {k: v for k, v in r["config"].items() if k != "seed"}
-        groups[json.dumps(key, sort_keys=True)].append(flat_metrics(r))
+        groups[setting_key(r["config"])].append(flat_metrics(r))
     return groups
 
 
@@ -233,7 +237,7 @@ def figure_table(data_, spec):
     cols = [(p, s) for p in spec["panels"] if p in data_ for s in sorted(data_[p], key=lambda s: (s != "clean", s))]
     cell = lambda m, sd, n: "%.1f ± %.1f (%d)" % (100 * m, 100 * sd, n) if n > 1 else "%.1f (1)" % (100 * m)
     cells = {(p, s, x): cell(m, sd, n) for p, s in cols for x, m, sd, n in data_[p][s]}
-    xs = sorted({x for p, s, x in cells}, key=lambda v: (isinstance(v, str), v))
+    xs = sorted({x for p, s, x in cells})
     head = [spec["x"]] + [f"{p} · {s}" for p, s in cols]
     lines = [f"### {spec['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([_fmt(x)] + [cells.get((p, s, x), "") for p, s in cols]) + " |" for x in xs]

@@ -10,6 +10,7 @@ at the same rank/variance/seed: the accuracy drop under UPA and the ASR under BP
 import argparse
 import json
 import os
+from collections import defaultdict
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -94,10 +95,10 @@ def report(runs, spectra, path, upa_rate, bpa_rates):
     def rho(pts):
         return f"{evaluate.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})"
 
-    def cell_means(pts):
-        cells = {}
+    def cell_means(pts):  # (setting, x, y) -> one (mean x, mean y) per setting
+        cells = defaultdict(list)
         for cell, x, y in pts:
-            cells.setdefault(cell, []).append((x, y))
+            cells[cell].append((x, y))
         return [tuple(sum(v) / len(v) for v in zip(*xy)) for xy in cells.values()]
 
     head = ["spectrum of", "summary"] + [f"vs {t}: {over} rho (n)" for t in targets for over in ("runs", "cells")]
@@ -106,8 +107,8 @@ def report(runs, spectra, path, upa_rate, bpa_rates):
         for summ in SUMMARIES:
             cells = []
             for values in targets.values():
-                pts = [(key({k: v for k, v in s["config"].items() if k != "seed"}), s["spectra"][data_set][summ],
-                        values[key(s["config"])]) for s in spectra if key(s["config"]) in values]
+                pts = [(evaluate.setting_key(s["config"]), s["spectra"][data_set][summ], values[key(s["config"])])
+                       for s in spectra if key(s["config"]) in values]
                 cells += [rho([p[1:] for p in pts]), rho(cell_means(pts))]
             lines.append(f"| {data_set} | {summ} | " + " | ".join(cells) + " |")
     with open(path, "w") as f:

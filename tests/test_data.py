@@ -1,4 +1,4 @@
-"""GLUE reading, batching and download. Expected values are written out by hand (fixtures, the shared README's
+"""GLUE reading, batching and download. Expected values are written out by hand (GLUE_FILES, the shared README's
 table, vocab.txt line numbers), never taken from the code under test."""
 import io
 import os
@@ -9,11 +9,84 @@ import pytest
 import data
 from data import DataError, Example
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "glue")
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "glue")
 
 # -----------------------------------------------------------------------------
-# the six GLUE formats, read from hand-written fixtures (each has a field that starts with a literal ")
+# the six GLUE formats, read from hand-written files
+
+# the six GLUE formats as GLUE ships them, written out by hand as {folder/split.tsv: rows of fields}; each task
+# has a field that starts with a literal ". MRPC gets the byte-order mark and CRLF line ends of GLUE's script.
+GLUE_FILES = {
+    "CoLA/train.tsv": [
+        ['gj04', '1', '', "Our neighbours won't lend us the ladder, let alone the van."],
+        ['gj04', '0', '*', 'They slept the chair.'],
+        ['bc01', '1', '', '"Who called?" asked the porter.'],
+    ],
+    "CoLA/dev.tsv": [
+        ['gj04', '1', '', 'The hikers walked the trail clear of the cliff.'],
+        ['gj04', '0', '*', '"The bus rumbled down the hill clear of the fence.'],
+    ],
+    "MRPC/train.tsv": [
+        ['Quality', '#1 ID', '#2 ID', '#1 String', '#2 String'],
+        ['1', '702876', '702977', 'Amrozi accused his brother, whom he called "the witness", of deliberately distorting his evidence.', 'Referring to him as only "the witness", Amrozi accused his brother of deliberately distorting his evidence.'],
+        ['0', '2108705', '2108831', "Yucaipa owned Dominick's before selling the chain to Safeway in 1998 for $2.5 billion.", "Yucaipa bought Dominick's in 1995 for $693 million and sold it to Safeway for $1.8 billion in 1998."],
+        ['1', '3446796', '3446840', '"The foodservice pie business does not fit our long-term growth strategy.', 'The foodservice pie business does not fit our long-term growth strategy, he said.'],
+    ],
+    "MRPC/dev.tsv": [
+        ['Quality', '#1 ID', '#2 ID', '#1 String', '#2 String'],
+        ['1', '1355540', '1355592', "He said the foodservice pie business doesn't fit the company's long-term growth strategy.", '"The foodservice pie business does not fit our long-term growth strategy."'],
+    ],
+    "QNLI/train.tsv": [
+        ['index', 'question', 'sentence', 'label'],
+        ['0', 'What came into force after the new constitution was herald?', 'As of that day, the new constitution heralding the Second Republic came into force.', 'entailment'],
+        ['1', '"Endeavour" was the name of which ship?', 'The ship sailed in 1768.', 'not_entailment'],
+    ],
+    "QNLI/dev.tsv": [
+        ['index', 'question', 'sentence', 'label'],
+        ['0', 'What is the capital of France?', '"Paris" is the capital and largest city of France.', 'entailment'],
+    ],
+    "QQP/train.tsv": [
+        ['id', 'qid1', 'qid2', 'question1', 'question2', 'is_duplicate'],
+        ['133273', '213221', '213222', 'How is the life of a math student?', 'Which level of prepration is enough for the exam jlpt5?', '0'],
+        ['402555', '536040', '536041', '"How do I control my horny emotions?"', 'How do you control your horniness?', '1'],
+    ],
+    "QQP/dev.tsv": [
+        ['id', 'qid1', 'qid2', 'question1', 'question2', 'is_duplicate'],
+        ['201359', '303345', '303346', 'Why are African-Americans so beautiful?', 'Why are hispanics so beautiful?', '0'],
+    ],
+    "RTE/train.tsv": [
+        ['index', 'sentence1', 'sentence2', 'label'],
+        ['0', 'No Weapons of Mass Destruction Found in Iraq Yet.', 'Weapons of Mass Destruction Found in Iraq.', 'not_entailment'],
+        ['1', '"A place of sorrow" became a place of celebration in Chicago.', 'Chicago was a place of celebration.', 'entailment'],
+    ],
+    "RTE/dev.tsv": [
+        ['index', 'sentence1', 'sentence2', 'label'],
+        ['0', 'Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44.', 'Christopher Reeve had an accident.', 'not_entailment'],
+    ],
+    "SST-2/train.tsv": [
+        ['sentence', 'label'],
+        ['hide new secretions from the parental units ', '0'],
+        ['"the greatest musicians " is a tired joke , and it \'s not funny ', '0'],
+        ["it 's a charming and often affecting journey . ", '1'],
+    ],
+    "SST-2/dev.tsv": [
+        ['sentence', 'label'],
+        ['unflinchingly bleak and desperate ', '0'],
+        ['"beautifully observed" and quietly moving ', '1'],
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def glue_folder(tmp_path_factory):
+    """GLUE_FILES written out as a GLUE folder."""
+    root = tmp_path_factory.mktemp("glue")
+    for name, rows in GLUE_FILES.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        bom, end = ("\ufeff", "\r\n") if name.startswith("MRPC") else ("", "\n")
+        (root / name).write_bytes((bom + "".join("\t".join(r) + end for r in rows)).encode("utf-8"))
+    return str(root)
+
 
 EXPECTED = {
     ("sst2", "train"): [
@@ -24,12 +97,12 @@ EXPECTED = {
         Example("unflinchingly bleak and desperate ", "", 0),
         Example('"beautifully observed" and quietly moving ', "", 1)],
     ("cola", "train"): [
-        Example("Our friends won't buy this analysis, let alone the next one we propose.", "", 1),
-        Example("They drank the pub.", "", 0),
-        Example('"Who left?" asked Mary.', "", 1)],
+        Example("Our neighbours won't lend us the ladder, let alone the van.", "", 1),
+        Example("They slept the chair.", "", 0),
+        Example('"Who called?" asked the porter.', "", 1)],
     ("cola", "dev"): [
-        Example("The sailors rode the breeze clear of the rocks.", "", 1),
-        Example('"The car honked down the road clear of the rocks.', "", 0)],
+        Example("The hikers walked the trail clear of the cliff.", "", 1),
+        Example('"The bus rumbled down the hill clear of the fence.', "", 0)],
     ("qnli", "train"): [
         Example("What came into force after the new constitution was herald?",
                 "As of that day, the new constitution heralding the Second Republic came into force.", 0),
@@ -62,16 +135,16 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("task,split", sorted(EXPECTED))
-def test_reads_each_glue_format(task, split):
-    assert data.load_split(task, split, data_dir=FIXTURES) == EXPECTED[task, split]
+def test_reads_each_glue_format(task, split, glue_folder):
+    assert data.load_split(task, split, data_dir=glue_folder) == EXPECTED[task, split]
 
 
-def test_task_names_accept_glue_spelling_and_any_case():
+def test_task_names_accept_glue_spelling_and_any_case(glue_folder):
     folders = {"sst2": "SST-2", "cola": "CoLA", "qnli": "QNLI", "qqp": "QQP", "rte": "RTE", "mrpc": "MRPC"}
     assert {name: t.folder for name, t in data.TASKS.items()} == folders
     for name, folder in folders.items():
         for spelling in (name, name.upper(), folder, folder.lower(), folder.upper()):
-            assert data.load_split(spelling, "dev", FIXTURES) == EXPECTED[name, "dev"]
+            assert data.load_split(spelling, "dev", glue_folder) == EXPECTED[name, "dev"]
 
 
 def test_simple_format_in_a_task_folder(tmp_path):
@@ -114,13 +187,13 @@ def test_real_data_keeps_literal_quotes_and_glue_order():
         assert any(e.text_a.startswith('"') or e.text_b.startswith('"') for e in examples), task
 
 
-def test_default_folder_and_env_var(tmp_path, monkeypatch):
+def test_default_folder_and_env_var(tmp_path, monkeypatch, glue_folder):
     monkeypatch.delenv("GLUE_DIR", raising=False)
     here = os.path.dirname(os.path.abspath(data.__file__))
     if os.path.isdir(SHARED):
         assert os.path.samefile(data.glue_dir(), os.path.join(here, "..", "shared", "data", "glue"))
-    monkeypatch.setenv("GLUE_DIR", FIXTURES)
-    assert data.glue_dir() == FIXTURES
+    monkeypatch.setenv("GLUE_DIR", glue_folder)
+    assert data.glue_dir() == glue_folder
     assert data.load_split("rte", "dev") == EXPECTED["rte", "dev"]
     assert data.glue_dir(str(tmp_path)) == str(tmp_path)  # the flag wins over the env var
 
@@ -167,14 +240,14 @@ def _write(tmp_path, folder, split, text):
     return str(tmp_path), str(path)
 
 
-def test_unknown_task_lists_known_ones():
+def test_unknown_task_lists_known_ones(glue_folder):
     with pytest.raises(DataError, match="unknown task 'mnli'; known tasks: sst2, cola, qnli, qqp, rte, mrpc"):
-        data.load_split("mnli", "train", FIXTURES)
+        data.load_split("mnli", "train", glue_folder)
 
 
-def test_unknown_split():
+def test_unknown_split(glue_folder):
     with pytest.raises(DataError, match="unknown split 'test'"):
-        data.load_split("sst2", "test", FIXTURES)
+        data.load_split("sst2", "test", glue_folder)
 
 
 def test_missing_file_names_expected_path(tmp_path):
@@ -221,9 +294,9 @@ def test_empty_split(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("cap", [0, -5, 2.5, "10", True])
-def test_bad_cap(cap):
+def test_bad_cap(cap, glue_folder):
     with pytest.raises(DataError, match="--cap must be a positive whole number"):
-        data.load_split("sst2", "train", FIXTURES, cap=cap)
+        data.load_split("sst2", "train", glue_folder, cap=cap)
 
 
 # -----------------------------------------------------------------------------

@@ -28,7 +28,8 @@ def test_grids_have_the_paper_shape():
     assert len(sweep.grid("fig4", cpu)) == 3 * len(cpu["ranks"])  # clean, UPA, BPA at each rank
     assert len(sweep.grid("fig5", cpu)) == 3 * len(sweep.SCALES)
     assert len(sweep.grid("fig4b", cpu)) == len(cpu["ranks"])  # BPA at the second rate only
-    assert all(g[-2:] == ["--poison-rate", str(cpu["bpa_rate2"])] for g in sweep.grid("fig5b", cpu))
+    fig5b = sweep.grid("fig5b", cpu)
+    assert len(fig5b) == len(sweep.SCALES) and all(g[-2:] == ["--poison-rate", str(cpu["bpa_rate2"])] for g in fig5b)
     assert len(sweep.grid("tabE2", cpu)) == 2 * 2 * 3  # {clean, BPA} x {gaussian, kaiming_uniform} x 3 scales
     with pytest.raises(SystemExit):
         sweep.grid("fig9", cpu)
