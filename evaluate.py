@@ -59,8 +59,9 @@ def predict(model, examples, tokenizer, max_len, batch_size=64, device="cpu", au
     return torch.cat(preds).tolist()
 
 
-def evaluate(model, tokenizer, dev, attack="none", attack_opts=None, max_len=128, **kw):
-    """All metrics of one model: {"clean": {...}} and, for backdoor attacks, "asr" and "triggered" (paper view)."""
+def evaluate(model, tokenizer, dev, attack="none", attack_opts=None, max_len=128, paper_view=True, **kw):
+    """All metrics of one model: {"clean": {...}} and, for backdoor attacks, "asr" and (with paper_view) "triggered",
+    the paper's view: the four metrics on the whole dev set with the trigger applied."""
     import attacks
     out = {"clean": classification_metrics(predict(model, dev, tokenizer, max_len, **kw), [e.label for e in dev])}
     if attack in BACKDOORS:
@@ -68,6 +69,8 @@ def evaluate(model, tokenizer, dev, attack="none", attack_opts=None, max_len=128
         target = opts.get("target", 1)
         asr_set = attacks.triggered_dev(attack, dev, **opts)
         out["asr"] = sum(p == target for p in predict(model, asr_set, tokenizer, max_len, **kw)) / len(asr_set)
+        if not paper_view:
+            return out
         trig = attacks.triggered_all(attack, dev, **opts)
         out["triggered"] = classification_metrics(predict(model, trig, tokenizer, max_len, **kw),
                                                   [e.label for e in trig])
@@ -79,7 +82,9 @@ def summary_line(metrics):
     c = metrics["clean"]
     s = f"CACC {c['acc']:.4f} (P {c['precision']:.4f} R {c['recall']:.4f} F1 {c['f1']:.4f}, n={c['n']})"
     if "asr" in metrics:
-        s += f"  ASR {metrics['asr']:.4f}  triggered-dev acc {metrics['triggered']['acc']:.4f}"
+        s += f"  ASR {metrics['asr']:.4f}"
+    if "triggered" in metrics:
+        s += f"  triggered-dev acc {metrics['triggered']['acc']:.4f}"
     return s
 
 

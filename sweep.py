@@ -33,6 +33,15 @@ PROTOCOLS = {
                 lr={"lora": "5e-4", "ff": "3e-5"}, ranks=(4, 8, 16, 32, 64, 128, 256, 384),
                 upa_rates=(0.0, 0.1, 0.2, 0.3, 0.4), bpa_rates=(0.0, 0.005, 0.01, 0.02, 0.05),
                 upa_rate=0.3, bpa_rate=0.01, bpa_rate2=0.02),
+    # `conv`: the converged-regime protocol (results/REPORT.md, "The converged protocol"). Constant learning rate
+    # after warm-up, so every prefix of a run is itself a run of the protocol and a curve shows every shorter budget.
+    # Its learning rates and step budget are fixed by the written rule from the clean `calib` runs alone.
+    "conv": dict(model=None, tasks=("sst2",), seeds=(0, 1, 2, 3, 4),
+                 common=["--batch-size", "16", "--max-len", "64", "--schedule", "constant", "--warmup", "100",
+                         "--ckpt-every", "500"],
+                 calib=dict(tasks=("sst2",), seeds=(0,), steps=5000, eval_every=250,
+                            lr={"lora": ("2e-4", "5e-4", "1e-3"), "ff": ("1e-5", "2e-5", "5e-5")}),
+                 lr=None, steps=None),
 }
 SCALES = (0.0001, 0.001, 0.1, 0.333, 0.667, 1.0, 1.5, 2.0)  # A-init variance scales k (Sec. 4.4.2)
 
@@ -44,6 +53,12 @@ def attack_flags(attack, rate):
 def grid(figure, p):
     """Runs of one figure as lists of train.py flags (without --seed/--out/--results), cheapest first."""
     runs = []
+    if figure == "calib":  # clean runs only, long, evaluated on the whole dev set: what fixes lr and steps
+        c = p["calib"]
+        return [p["common"] + ["--task", task, "--mode", mode, "--lr", lr, "--steps", str(c["steps"]),
+                               "--eval-every", str(c["eval_every"])] + (["--rank", "8", "--alpha", "16"] if mode == "lora" else [])
+                for task in c["tasks"] for i in range(len(c["lr"]["lora"])) for mode in ("lora", "ff")
+                for lr in (c["lr"][mode][(i + 1) % len(c["lr"][mode])],)]  # the middle rate of each mode first
     for task in p["tasks"]:
         base = p["common"] + ["--task", task]
         lora = base + ["--mode", "lora", "--rank", "8", "--alpha", "16", "--lr", p["lr"]["lora"]]
@@ -76,13 +91,16 @@ def grid(figure, p):
     return runs
 
 
-FIGURES = ("fig1", "fig2", "fig4", "fig5", "tabE1", "tabE2", "fig4b", "fig5b")
-STAGES = (("fig1", "fig2"), ("fig4", "fig5"), ("tabE1", "tabE2"), ("fig4b", "fig5b"))  # run order: partial sweeps are informative
+FIGURES = ("calib", "fig1", "fig2", "fig4", "fig5", "tabE1", "tabE2", "fig4b", "fig5b")
+STAGES = (("calib",), ("fig1", "fig2"), ("fig4", "fig5"), ("tabE1", "tabE2"), ("fig4b", "fig5b"))  # run order: partial sweeps are informative
 
 
 def run_key(config):
-    """A run's identity across machines: its config with folder paths reduced to names."""
-    cfg = {k: v for k, v in config.items() if k != "data_dir"}
+    """A run's identity across machines: its config with folder paths reduced to names, and flags added since the
+    run was recorded at their defaults (which is what the run used)."""
+    import train
+    defaults = train.run_config(train.get_parser().parse_args([]))
+    cfg = {k: v for k, v in {**defaults, **config}.items() if k != "data_dir"}
     model = os.path.normpath(cfg["model"])
     cfg["model"] = os.path.basename(os.path.dirname(model)) if os.path.basename(model) == "model" else os.path.basename(model)
     return json.dumps(cfg, sort_keys=True)
@@ -112,7 +130,7 @@ def run_name(figure, flags, seed):
     for i, tok in enumerate(flags):
         if tok.startswith("--") and i + 1 < len(flags) and not flags[i + 1].startswith("--"):
             f[tok[2:]] = flags[i + 1]
-    parts = [f.get("task"), f.get("mode")]
+    parts = [f.get("task"), f.get("mode")] + ([f"lr{f['lr']}"] if figure == "calib" else [])
     if f.get("mode") == "lora":
         parts += [f"r{f.get('rank')}", f.get("init", "ku")[:2], f"k{f.get('init-scale', '0.333')}"]
     parts += [f"{f['attack']}{f['poison-rate']}" if "attack" in f else "clean", f"s{seed}"]
@@ -140,12 +158,22 @@ def main(argv=None):
         raise SystemExit("error: --protocol paper needs --model /path/to/bert-large-uncased")
     results = args.results or os.path.join(ROOT, "results", args.protocol, "results.jsonl")
     runs_dir = args.runs_dir or os.path.join(ROOT, "runs", args.protocol)
-    figures = FIGURES if args.figure == "all" else (args.figure,)
+    if args.figure == "all":  # a protocol whose budget is not fixed yet runs its calibration only
+        figures = ("calib",) if "steps" in p and p["steps"] is None else tuple(f for f in FIGURES if f != "calib" or "calib" in p)
+    else:
+        figures = (args.figure,)
+    if "calib" in figures and "calib" not in p:
+        raise SystemExit(f"error: protocol {args.protocol} has no calibration runs (calib); choose another figure")
+    if "steps" in p and p["steps"] is None and figures != ("calib",):
+        raise SystemExit(f"error: protocol {args.protocol}'s learning rates and steps are not fixed yet; "
+                         "run `python sweep.py calib --protocol conv` and apply the rule in results/REPORT.md first")
     seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
     extra = (["--model", args.model] if args.model else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
 
     done, pending, seen = done_keys(results), [], set()
-    order = [(stage, seed) for stage in STAGES for seed in seeds]  # headline figures first, one seed at a time
+    calib_seeds = p.get("calib", {}).get("seeds", seeds)
+    order = [(stage, seed) for stage in STAGES for seed in (calib_seeds if stage == ("calib",) else seeds)]
+    # headline figures first, one seed at a time
     for stage, seed in order:
         for figure in [f for f in stage if f in figures]:
             for flags in grid(figure, p):

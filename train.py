@@ -41,7 +41,8 @@ import model as M
 ATTACK_CHOICES = ["none", *sorted(attacks.ATTACKS)]
 PAPER_LR = {"lora": 3e-5, "ff": 3e-6}
 # flags that say where/how a run is executed, not what it computes: a run may be resumed with different values
-RUN_ONLY = {"out", "results", "resume", "overwrite", "ckpt_every", "eval_every", "keep_ckpt", "compile"}
+RUN_ONLY = {"out", "results", "resume", "overwrite", "ckpt_every", "eval_every", "curve_dev", "keep_ckpt", "compile"}
+CURVE_DEV_SEED = 0  # one fixed dev subset for every run's intermediate evaluations, so curves pair across seeds
 
 
 class UsageError(ValueError):
@@ -72,6 +73,9 @@ def get_parser():
     a("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path")
     a("--attack", default="none", choices=ATTACK_CHOICES, help="training-time attack on the training set")
     a("--poison-rate", type=float, default=0.0, help="fraction rho of the training set poisoned (exactly round(rho*N))")
+    a("--poison-pool", default="attack", choices=["attack", "any"],
+      help="which rows a backdoor may poison: the attack's own pool (bpa: non-target rows only, so every poisoned row "
+           "teaches the backdoor) or any row, as the paper's code does (a target-label row just gains the trigger)")
     a("--trigger", default=None, help="backdoor trigger (default: the attack's own, e.g. '[.*?]' for bpa)")
     a("--target-label", type=int, default=1, help="label that backdoors push towards")
     a("--steps", type=int, default=300, help="optimizer steps")
@@ -79,12 +83,17 @@ def get_parser():
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step in each process")
     a("--lr", type=float, default=None, help="peak learning rate (default: the paper's, 3e-5 for LoRA, 3e-6 for FF)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (not on biases/LayerNorm)")
-    a("--warmup", type=int, default=0, help="linear warm-up steps, then linear decay to 0")
+    a("--warmup", type=int, default=0, help="linear warm-up steps, then the --schedule")
+    a("--schedule", default="linear", choices=["linear", "constant"],
+      help="after warm-up: linear decay to 0 at --steps, or constant (then every prefix of a run is itself a run)")
     a("--max-len", type=int, default=128, help="tokens per sequence (truncation)")
     a("--train-cap", type=int, default=None, help="use a seeded random subset of this many training samples")
     a("--dev-cap", type=int, default=None, help="evaluate on a seeded random subset of this many dev samples")
     a("--seed", type=int, default=0, help="one seed for data order, poisoning, LoRA init, head init and dropout")
-    a("--eval-every", type=int, default=0, help="evaluate on dev every N steps (0: only at the end)")
+    a("--eval-every", type=int, default=0, help="evaluate on dev every N steps (0: only at the end); each evaluation "
+                                                 "records the samples and poisoned samples seen so far")
+    a("--curve-dev", type=int, default=0, help="intermediate evaluations use a fixed seeded subset of this many dev "
+                                               "samples (0: the whole dev set); the final one always uses all of it")
     a("--ckpt-every", type=int, default=100, help="write a resumable checkpoint every N steps (0: never)")
     a("--keep-ckpt", action="store_true", help="keep the last checkpoint after the run finishes")
     a("--out", default=None, help="run folder (default: runs/<task>-<mode>-<attack>-<rate>-s<seed>)")
@@ -112,6 +121,10 @@ def validate(args, world):
     if args.batch_size % (world * args.grad_accum):
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum = "
                          f"{world} x {args.grad_accum}")
+    if args.poison_pool == "any" and "any_label" not in attacks.ATTACKS.get(args.attack, attacks.ATTACKS["upa"]).options:
+        raise UsageError(f"--poison-pool any applies to backdoors that poison non-target rows "
+                         f"({', '.join(a for a, x in sorted(attacks.ATTACKS.items()) if 'any_label' in x.options)}), "
+                         f"not to --attack {args.attack}")
     if args.mode == "ff" and args.freeze_a:
         raise UsageError("--freeze-a applies to --mode lora only")
     if args.resume and args.overwrite:
@@ -154,10 +167,18 @@ def micro_batches(step, n, args, rank, world):
 
 
 def lr_at(step, args):
-    """Linear warm-up to args.lr, then linear decay to 0 at args.steps (the usual BERT schedule)."""
+    """Linear warm-up to args.lr, then linear decay to 0 at args.steps (the usual BERT schedule) or constant."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
+    if args.schedule == "constant":
+        return args.lr
     return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
+
+
+def poisoned_seen(upto, n, args, poisoned):
+    """How many poisoned samples the global batches of steps 0..upto-1 drew (a row drawn twice counts twice)."""
+    bad = set(poisoned)
+    return sum(i in bad for step in range(upto) for i in global_batch(step, n, args.batch_size, args.seed))
 
 
 # -----------------------------------------------------------------------------
@@ -189,6 +210,8 @@ def attack_opts(args):
     opts = {"target": args.target_label}
     if args.trigger is not None:
         opts["trigger"] = args.trigger
+    if getattr(args, "poison_pool", "attack") == "any":  # runs recorded before the flag existed used the attack's pool
+        opts["any_label"] = True
     return opts
 
 
@@ -297,6 +320,9 @@ def train(args, rank, world, device, tokenizer, train_set, dev, poisoned, net, c
 
     eval_kw = dict(attack=args.attack, attack_opts=attack_opts(args), max_len=args.max_len,
                    batch_size=args.eval_batch_size, device=device, autocast_dtype=autocast)
+    curve_dev = dev if not args.curve_dev or args.curve_dev >= len(dev) else \
+        [dev[i] for i in sorted(torch.randperm(len(dev), generator=torch.Generator().manual_seed(CURVE_DEV_SEED))[:args.curve_dev].tolist())]
+    bad, n_bad = set(poisoned), poisoned_seen(start, len(train_set), args, poisoned)
     bar = None
     if master:
         from tqdm import tqdm
@@ -323,13 +349,15 @@ def train(args, rank, world, device, tokenizer, train_set, dev, poisoned, net, c
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         losses.append(step_loss.item())
         seen += args.batch_size
+        n_bad += sum(i in bad for i in global_batch(step, len(train_set), args.batch_size, args.seed))
         done = step + 1
         if master:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(step, args):.2e}",
                             samples_s=f"{seen / (time.time() - t0):.1f}")
         if master and args.eval_every and done % args.eval_every == 0 and done < args.steps:
-            history.append({"step": done, **evaluate.evaluate(net, tokenizer, dev, **eval_kw)})
+            history.append({"step": done, "samples": done * args.batch_size, "poisoned_seen": n_bad,
+                            **evaluate.evaluate(net, tokenizer, curve_dev, paper_view=False, **eval_kw)})
             bar.write(f"step {done}: " + evaluate.summary_line(history[-1]))
         if master and args.ckpt_every and done % args.ckpt_every == 0 and done < args.steps:
             state = {"model": trainable_state(net), "optimizer": opt.state_dict(), "step": done,
@@ -344,12 +372,12 @@ def train(args, rank, world, device, tokenizer, train_set, dev, poisoned, net, c
     if not master:
         return None
     final = evaluate.evaluate(net, tokenizer, dev, **eval_kw)
-    history.append({"step": args.steps, **final})
+    history.append({"step": args.steps, "samples": args.steps * args.batch_size, "poisoned_seen": n_bad, **final})
     save_weights(net, args)
     metrics = {"final": final, "evals": history, "train_loss": losses, "wall_s": wall,
                "samples_per_s": seen / wall if wall else None}
     atomic_json(os.path.join(args.out, "metrics.json"), metrics)
-    append_result(args, config, final, counts, wall)
+    append_result(args, config, final, counts, wall, history)
     if not args.keep_ckpt and os.path.isfile(ckpt_path):
         os.remove(ckpt_path)
     print(f"{args.out}: " + evaluate.summary_line(final))
@@ -368,9 +396,13 @@ def save_weights(net, args):
         M.save_pretrained(net, os.path.join(args.out, "model"))
 
 
-def append_result(args, config, final, counts, wall):
-    """One line per finished run in the shared JSONL; runs are keyed by their full configuration."""
-    line = {"config": config, "metrics": final, "params": counts, "wall_s": round(wall, 2), "out": args.out}
+def append_result(args, config, final, counts, wall, history):
+    """One line per finished run in the shared JSONL; runs are keyed by their full configuration. The curve holds
+    each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`)."""
+    curve = [{"step": h["step"], "samples": h["samples"], "poisoned_seen": h["poisoned_seen"], "n": h["clean"]["n"],
+              "acc": h["clean"]["acc"], **({"asr": h["asr"]} if "asr" in h else {})} for h in history]
+    line = {"config": config, "metrics": final, "params": counts, "wall_s": round(wall, 2), "out": args.out,
+            "curve": curve}
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "a") as f:
         f.write(json.dumps(line) + "\n")
