@@ -63,12 +63,17 @@ def evaluate(model, tokenizer, dev, attack="none", attack_opts=None, max_len=128
     """All metrics of one model: {"clean": {...}} and, for backdoor attacks, "asr" and (with paper_view) "triggered",
     the paper's view: the four metrics on the whole dev set with the trigger applied."""
     import attacks
-    out = {"clean": classification_metrics(predict(model, dev, tokenizer, max_len, **kw), [e.label for e in dev])}
+    clean = predict(model, dev, tokenizer, max_len, **kw)
+    out = {"clean": classification_metrics(clean, [e.label for e in dev])}
     if attack in BACKDOORS:
         opts = dict(attack_opts or {})
         target = opts.get("target", 1)
-        asr_set = attacks.triggered_dev(attack, dev, **opts)
-        out["asr"] = sum(p == target for p in predict(model, asr_set, tokenizer, max_len, **kw)) / len(asr_set)
+        asr_set = attacks.triggered_dev(attack, dev, **opts)  # the non-target dev rows, in dev order, triggered
+        hit = [p == target for p in predict(model, asr_set, tokenizer, max_len, **kw)]
+        out["asr"] = sum(hit) / len(asr_set)
+        # net of the model's own false positives: only the negatives it gets right without the trigger count
+        right = [p != target for p, e in zip(clean, dev) if e.label != target]
+        out["asr_net"] = sum(h for h, r in zip(hit, right) if r) / sum(right) if any(right) else float("nan")
         if not paper_view:
             return out
         trig = attacks.triggered_all(attack, dev, **opts)
@@ -82,7 +87,7 @@ def summary_line(metrics):
     c = metrics["clean"]
     s = f"CACC {c['acc']:.4f} (P {c['precision']:.4f} R {c['recall']:.4f} F1 {c['f1']:.4f}, n={c['n']})"
     if "asr" in metrics:
-        s += f"  ASR {metrics['asr']:.4f}"
+        s += f"  ASR {metrics['asr']:.4f} (net {metrics['asr_net']:.4f})" if "asr_net" in metrics else f"  ASR {metrics['asr']:.4f}"
     if "triggered" in metrics:
         s += f"  triggered-dev acc {metrics['triggered']['acc']:.4f}"
     return s

@@ -400,7 +400,7 @@ def append_result(args, config, final, counts, wall, history):
     """One line per finished run in the shared JSONL; runs are keyed by their full configuration. The curve holds
     each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`)."""
     curve = [{"step": h["step"], "samples": h["samples"], "poisoned_seen": h["poisoned_seen"], "n": h["clean"]["n"],
-              "acc": h["clean"]["acc"], **({"asr": h["asr"]} if "asr" in h else {})} for h in history]
+              "acc": h["clean"]["acc"], **{k: h[k] for k in ("asr", "asr_net") if k in h}} for h in history]
     line = {"config": config, "metrics": final, "params": counts, "wall_s": round(wall, 2), "out": args.out,
             "curve": curve}
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
