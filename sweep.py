@@ -22,6 +22,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Protocols. `paper`: Sec. 4.1 of the paper (BERT-large, batch 8, 10,000 steps, 5 seeds, its learning rates).
 # `cpu`: what a 2-core machine affords with the embedded MiniLM (see results/REPORT.md for how it was chosen).
+# run order of the converged protocol, each stage with its number of seeds: a partial sweep already answers the
+# headline question (F1/F2 with 5 seeds), then F3, F4, the second task and the init zoo (issue 12) with 3
+CONV_STAGES = ((("calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola-calib",), 1), (("cola",), 3),
+               (("zoo",), 3))
 PROTOCOLS = {
     "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
                   common=["--batch-size", "8", "--steps", "10000", "--max-len", "512", "--train-cap", "17500"],
@@ -39,9 +43,14 @@ PROTOCOLS = {
     "conv": dict(model=None, tasks=("sst2",), seeds=(0, 1, 2, 3, 4),
                  common=["--batch-size", "16", "--max-len", "64", "--schedule", "constant", "--warmup", "100",
                          "--ckpt-every", "500"],
-                 calib=dict(tasks=("sst2",), seeds=(0,), steps=5000, eval_every=250,
+                 calib=dict(tasks=("sst2",), steps=5000, eval_every=250,
                             lr={"lora": ("2e-4", "5e-4", "1e-3"), "ff": ("1e-5", "2e-5", "5e-5")}),
-                 lr=None, steps=None),
+                 lr=None, steps=None,  # {"lora": .., "ff": ..} and {task: steps}, from the rule
+                 upa_rate=0.3, bpa_rates=(0.0015, 0.0045), bpa_rate=0.0045,  # the paper's lowest/highest BPA rates
+                 ranks=(4, 64, 384), scales=(0.0001, 2.0),  # F3/F4 contrasts; rank 8 and k = 1/3 come from f12
+                 rs_alpha="5.656854",  # rsLoRA alpha/sqrt(r) with alpha = 2 sqrt(8): rank 8's scale stays 16/8 = 2
+                 zoo=("gaussian", "pissa", "mica", "olora", "orthogonal", "dora"),
+                 curve_points=8, curve_dev=256, stages=CONV_STAGES),
 }
 SCALES = (0.0001, 0.001, 0.1, 0.333, 0.667, 1.0, 1.5, 2.0)  # A-init variance scales k (Sec. 4.4.2)
 
@@ -59,6 +68,8 @@ def grid(figure, p):
                                "--eval-every", str(c["eval_every"])] + (["--rank", "8", "--alpha", "16"] if mode == "lora" else [])
                 for task in c["tasks"] for i in range(len(c["lr"]["lora"])) for mode in ("lora", "ff")
                 for lr in (c["lr"][mode][(i + 1) % len(c["lr"][mode])],)]  # the middle rate of each mode first
+    if p is PROTOCOLS["conv"]:
+        return conv_grid(figure, p)
     for task in p["tasks"]:
         base = p["common"] + ["--task", task]
         lora = base + ["--mode", "lora", "--rank", "8", "--alpha", "16", "--lr", p["lr"]["lora"]]
@@ -91,8 +102,50 @@ def grid(figure, p):
     return runs
 
 
+def conv_grid(figure, p):
+    """The converged protocol's grids (issue 10 item 4, issue 12). BPA draws its rows from all rows, as the paper's
+    code does; every run records a curve of 8 evaluations on a fixed 256-row dev subset, then the whole dev set."""
+    task = "cola" if figure.startswith("cola") else "sst2"
+    if figure == "cola-calib":  # the chosen rates, one long clean run per mode (rule 3)
+        return [p["common"] + ["--task", "cola", "--mode", m, "--lr", p["lr"][m], "--steps", str(p["calib"]["steps"]),
+                               "--eval-every", str(p["calib"]["eval_every"])] for m in ("lora", "ff")]
+    steps = (p["steps"] or {}).get(task)
+    if steps is None:
+        raise SystemExit(f"error: protocol conv has no step budget for {task} yet; apply the rule "
+                         f"(`python calibrate.py results/conv/results.jsonl`) and fill PROTOCOLS['conv']['steps']")
+    base = p["common"] + ["--task", task, "--steps", str(steps), "--eval-every", str(steps // p["curve_points"]),
+                          "--curve-dev", str(p["curve_dev"])]
+    lora = base + ["--mode", "lora", "--rank", "8", "--alpha", "16", "--lr", p["lr"]["lora"]]
+    ff = base + ["--mode", "ff", "--lr", p["lr"]["ff"]]
+    bpa = lambda rate: attack_flags("bpa", rate) + ["--poison-pool", "any"]
+    conds = [[], attack_flags("upa", p["upa_rate"])] + [bpa(r) for r in p["bpa_rates"]]
+    if figure in ("f12", "cola"):
+        return [m + c for c in conds for m in (lora, ff)]
+    sweep_conds = conds[:2] + [bpa(p["bpa_rate"])]  # clean (for the UPA drop), UPA, BPA
+    if figure == "f3":  # rank with alpha/r, then with rsLoRA's alpha/sqrt(r), which removes the step-size confound
+        ranks = [["--rank", str(r)] for r in p["ranks"]]
+        scalings = (["--alpha", "16"], ["--alpha", p["rs_alpha"], "--rslora"])
+        return [base + ["--mode", "lora", "--lr", p["lr"]["lora"]] + r + a + c
+                for a in scalings for c in sweep_conds for r in ranks]
+    if figure == "f4":
+        return [lora + ["--init-scale", str(k)] + c for c in sweep_conds for k in p["scales"]]
+    if figure == "zoo":
+        return [lora + ["--init", i] + c for c in sweep_conds for i in p["zoo"]]
+    raise SystemExit(f"error: unknown figure {figure!r} for protocol conv; choose from "
+                     f"{', '.join(f for stage, _ in CONV_STAGES for f in stage)}")
+
+
 FIGURES = ("calib", "fig1", "fig2", "fig4", "fig5", "tabE1", "tabE2", "fig4b", "fig5b")
 STAGES = (("calib",), ("fig1", "fig2"), ("fig4", "fig5"), ("tabE1", "tabE2"), ("fig4b", "fig5b"))  # run order: partial sweeps are informative
+
+
+def ready(figure, p):
+    """Whether a figure's runs are fixed: the converged protocol's grids wait for its calibration rule."""
+    if p is not PROTOCOLS["conv"] or figure == "calib":
+        return True
+    if p["lr"] is None:
+        return False
+    return figure == "cola-calib" or (p["steps"] or {}).get("cola" if figure.startswith("cola") else "sst2") is not None
 
 
 def run_key(config):
@@ -132,7 +185,8 @@ def run_name(figure, flags, seed):
             f[tok[2:]] = flags[i + 1]
     parts = [f.get("task"), f.get("mode")] + ([f"lr{f['lr']}"] if figure == "calib" else [])
     if f.get("mode") == "lora":
-        parts += [f"r{f.get('rank')}", f.get("init", "ku")[:2], f"k{f.get('init-scale', '0.333')}"]
+        parts += [f"r{f.get('rank')}" + ("rs" if "--rslora" in flags else ""), f.get("init", "ku")[:2],
+                  f"k{f.get('init-scale', '0.333')}"]
     parts += [f"{f['attack']}{f['poison-rate']}" if "attack" in f else "clean", f"s{seed}"]
     return os.path.join(figure, "-".join(parts))
 
@@ -158,21 +212,20 @@ def main(argv=None):
         raise SystemExit("error: --protocol paper needs --model /path/to/bert-large-uncased")
     results = args.results or os.path.join(ROOT, "results", args.protocol, "results.jsonl")
     runs_dir = args.runs_dir or os.path.join(ROOT, "runs", args.protocol)
-    if args.figure == "all":  # a protocol whose budget is not fixed yet runs its calibration only
-        figures = ("calib",) if "steps" in p and p["steps"] is None else tuple(f for f in FIGURES if f != "calib" or "calib" in p)
-    else:
-        figures = (args.figure,)
-    if "calib" in figures and "calib" not in p:
-        raise SystemExit(f"error: protocol {args.protocol} has no calibration runs (calib); choose another figure")
-    if "steps" in p and p["steps"] is None and figures != ("calib",):
-        raise SystemExit(f"error: protocol {args.protocol}'s learning rates and steps are not fixed yet; "
-                         "run `python sweep.py calib --protocol conv` and apply the rule in results/REPORT.md first")
+    stages = p.get("stages") or tuple((stage, None) for stage in STAGES)  # (figures, how many seeds; None: all)
+    known = [f for stage, _ in stages for f in stage if f != "calib" or "calib" in p]
+    if args.figure not in ("all", *known):
+        raise SystemExit(f"error: unknown figure {args.figure!r} for protocol {args.protocol}; choose from "
+                         f"{', '.join(known)}, fig3 or all")
+    figures = [f for f in known if ready(f, p)] if args.figure == "all" else [args.figure]
+    if args.figure == "all" and len(figures) < len(known):
+        print(f"not ready yet (the protocol's rule has not fixed their rates/budget): "
+              f"{', '.join(f for f in known if f not in figures)}", file=sys.stderr)
     seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
     extra = (["--model", args.model] if args.model else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
 
     done, pending, seen = done_keys(results), [], set()
-    calib_seeds = p.get("calib", {}).get("seeds", seeds)
-    order = [(stage, seed) for stage in STAGES for seed in (calib_seeds if stage == ("calib",) else seeds)]
+    order = [(stage, seed) for stage, n in stages for seed in seeds[:n]]
     # headline figures first, one seed at a time
     for stage, seed in order:
         for figure in [f for f in stage if f in figures]:

@@ -1,0 +1,125 @@
+"""
+The statistics behind every verdict in results/REPORT.md: per-seed paired differences, their 95% t-interval, the
+four verdict kinds, and how many seeds an effect would need.
+
+    d = paired([0.91, 0.88, 0.90], [0.85, 0.86, 0.84])      # per-seed differences a_i - b_i
+    e = effect(d, paper_sign=+1, delta=0.02)                 # mean, 95% CI, n, verdict
+    seeds_needed(effect_size=0.05, sd=0.04)                  # seeds for 80% power at that noise
+
+Verdicts (defined once, here and in REPORT.md), with the interval oriented so that + is the paper's direction:
+    replicated    the interval excludes 0 on the paper's side
+    opposite      the interval excludes 0 on the other side
+    no effect     the interval lies inside (-delta, +delta)
+    inconclusive  none of these: the interval is too wide to tell
+
+Student's t quantiles come from the regularised incomplete beta function (continued fraction, Lentz's method), so
+the module needs nothing beyond the standard library.
+"""
+import math
+
+VERDICTS = ("replicated", "opposite", "no effect", "inconclusive")
+
+
+def paired(a, b):
+    """Per-seed differences a_i - b_i of two equal-length lists (seed i of a paired with seed i of b)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired differences need equal numbers of seeds (got {len(a)} and {len(b)})")
+    return [x - y for x, y in zip(a, b)]
+
+
+def effect(diffs, paper_sign=1, delta=0.0, level=0.95):
+    """Mean of the paired differences, its t-interval and the verdict, as a dict.
+
+    paper_sign: +1 if the paper predicts a positive difference, -1 if negative. delta: the 'no effect' margin, in
+    the same units as the differences."""
+    if paper_sign not in (1, -1):
+        raise ValueError(f"paper_sign must be +1 or -1, got {paper_sign!r}")
+    n = len(diffs)
+    if n == 0:
+        raise ValueError("an effect needs at least one paired difference")
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) if n > 1 else float("inf")
+    lo, hi = mean - half, mean + half
+    return dict(mean=mean, sd=sd, n=n, lo=lo, hi=hi, verdict=verdict(lo, hi, paper_sign, delta))
+
+
+def verdict(lo, hi, paper_sign=1, delta=0.0):
+    """The verdict kind of an interval [lo, hi] (see the module docstring)."""
+    lo, hi = sorted((paper_sign * lo, paper_sign * hi))
+    if lo > 0:
+        return "replicated"
+    if hi < 0:
+        return "opposite"
+    if -delta < lo and hi < delta:
+        return "no effect"
+    return "inconclusive"
+
+
+def seeds_needed(effect_size, sd, power=0.8, level=0.95, most=1000):
+    """Smallest number of seeds n >= 2 at which a paired t-interval at `level` excludes 0 with probability `power`
+    for a true effect `effect_size` at seed-to-seed noise `sd`, by the usual approximation
+    (t_{1-(1-level)/2, n-1} + t_{power, n-1}) sd / sqrt(n) <= |effect|. None if more than `most` would be needed."""
+    if not sd > 0:
+        raise ValueError(f"the seed-to-seed standard deviation must be > 0, got {sd}")
+    if effect_size == 0:
+        return None
+    for n in range(2, most + 1):
+        if (t_quantile(0.5 + level / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n) <= abs(effect_size):
+            return n
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Student's t distribution
+
+def t_cdf(t, df):
+    """P(T <= t) for Student's t with df degrees of freedom: 1 - I_x(df/2, 1/2) / 2 with x = df / (df + t^2)."""
+    if not df > 0:
+        raise ValueError(f"degrees of freedom must be > 0, got {df}")
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t >= 0 else tail
+
+
+def t_quantile(p, df):
+    """The p-quantile of Student's t with df degrees of freedom (bisection on t_cdf, to 1e-10)."""
+    if not 0 < p < 1:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2
+    while hi - lo > 1e-10 * max(1.0, hi):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _betainc(a, b, x):
+    """Regularised incomplete beta function I_x(a, b) by its continued fraction (Numerical Recipes, 6.4)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point; use the symmetry there
+        return 1.0 - _betainc(b, a, 1 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    return math.exp(log_front) * _beta_fraction(a, b, x) / a
+
+
+def _beta_fraction(a, b, x, tiny=1e-300, eps=1e-15):
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            return h
+    raise ArithmeticError(f"incomplete beta did not converge (a={a}, b={b}, x={x})")
