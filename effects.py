@@ -1,0 +1,264 @@
+"""
+The paper's findings as per-seed paired effects, each with its 95% t-interval, n and verdict (stats.py), and the
+curves over training, from the runs of one results JSONL (any protocol).
+
+    rows = effects(runs)                         # one dict per (finding, task, condition)
+    markdown(rows)                               # the table REPORT.md quotes
+    draw_curves(runs, "sst2", "results/conv/curves-sst2.png")
+
+Two runs are paired when they share a seed and a context: every setting except the arm fields below (mode, lr,
+the LoRA settings, the attack) is equal. Effects are in points (percent), oriented so that + is the paper's
+direction:
+    F1  (LoRA's drop clean -> UPA) - (FF's drop)                       the paper: LoRA hurt more, +
+    F2  ASR_FF - ASR_LoRA, raw and net of false positives              the paper: LoRA resists more, +
+    F3  UPA: drop(rank lo) - drop(rank hi); BPA: ASR(hi) - ASR(lo)     the paper: higher rank, less UPA drop, more ASR
+    F4  BPA: ASR(k hi) - ASR(k lo); UPA: drop(k lo) - drop(k hi)       Sec. 3.3: smaller Var(A), lower ASR, more drop
+    zoo each init minus the baseline (kaiming k = 1/3): no paper direction, so + is only "higher than baseline"
+"""
+import json
+import math
+from collections import defaultdict
+
+import stats
+
+LORA_FIELDS = ("rank", "alpha", "rslora", "init", "init_scale", "freeze_a", "lora_dropout", "targets")
+ARM_FIELDS = ("mode", "lr", *LORA_FIELDS, "attack", "poison_rate", "poison_pool", "trigger", "target_label", "seed")
+DEFAULTS = {"poison_pool": "attack", "schedule": "linear"}  # flags added after the cpu runs were recorded
+BASELINE = dict(mode="lora", rank=8, alpha=16.0, rslora=False, init="kaiming_uniform", init_scale=1 / 3)
+DELTA = {"acc": 2.0, "asr": 5.0}  # the 'no effect' margins, in points (REPORT.md)
+# the paper's effect sizes where its text gives one (its figures are not in our copy): F1 from its 5-seed SST-2
+# numbers at UPA 0.3 (91.3 vs 90.8), F2 from "up to 30% improvement"; otherwise a reference effect of 2 x delta
+PAPER_EFFECT = {"F1": 0.5, "F2": 30.0}
+
+
+def context(config):
+    """Everything that must be equal for two runs to be compared: the config less the arm fields and paths."""
+    c = {**DEFAULTS, **config}
+    return json.dumps({k: v for k, v in sorted(c.items()) if k not in ARM_FIELDS and k not in ("data_dir", "model")})
+
+
+def pick(runs, **want):
+    """{seed: run} of the runs whose config has these values (floats equal to 1e-6 relative); one run per seed."""
+    out = {}
+    for r in runs:
+        c = {**DEFAULTS, **r["config"]}
+        if all(_same(c.get(k), v) for k, v in want.items()):
+            if c["seed"] in out:
+                raise ValueError(f"two runs answer {want} for seed {c['seed']} in one context: "
+                                 f"{out[c['seed']]['config']} and {c}")
+            out[c["seed"]] = r
+    return out
+
+
+def _same(a, b):
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def acc(r):
+    return 100 * r["metrics"]["clean"]["acc"]
+
+
+def asr(r, net=False):
+    m = r["metrics"]
+    return 100 * m["asr_net"] if net else 100 * m["asr"]
+
+
+def _row(finding, task, condition, what, diffs, sign, unit):
+    if len(diffs) < 2:  # fewer than two paired seeds: no interval to report
+        return None
+    e = stats.effect(diffs, paper_sign=sign, delta=DELTA[unit])
+    ref = PAPER_EFFECT.get(finding, 2 * DELTA[unit])
+    need = stats.seeds_needed(ref, e["sd"]) if e["n"] > 1 and e["sd"] > 0 else None
+    return dict(finding=finding, task=task, condition=condition, what=what, ref=ref, seeds_needed=need, **e)
+
+
+def _paired(arms, value):
+    """value(runs of one seed) over the seeds that every arm has, in seed order."""
+    seeds = sorted(set.intersection(*(set(a) for a in arms.values()))) if arms else []
+    return [value({k: a[s] for k, a in arms.items()}) for s in seeds]
+
+
+# -----------------------------------------------------------------------------
+# the findings
+
+def effects(runs):
+    """Every measurable finding in these runs, one row per (finding, task, condition)."""
+    rows = []
+    by_context = defaultdict(list)
+    for r in runs:
+        by_context[context(r["config"])].append(r)
+    for group in by_context.values():
+        task = group[0]["config"]["task"]
+        rows += _f1(group, task) + _f2(group, task) + _sweep(group, task, "F3") + _sweep(group, task, "F4")
+        rows += _zoo(group, task)
+    return [r for r in rows if r is not None]
+
+
+def _rates(group, attack):
+    return sorted({r["config"]["poison_rate"] for r in group if r["config"]["attack"] == attack})
+
+
+def _f1(group, task):
+    out = []
+    for rate in _rates(group, "upa"):
+        arms = dict(lc=pick(group, **BASELINE, attack="none"), lu=pick(group, **BASELINE, attack="upa", poison_rate=rate),
+                    fc=pick(group, mode="ff", attack="none"), fu=pick(group, mode="ff", attack="upa", poison_rate=rate))
+        d = _paired(arms, lambda s: (acc(s["lc"]) - acc(s["lu"])) - (acc(s["fc"]) - acc(s["fu"])))
+        out.append(_row("F1", task, f"UPA {rate:g}", "extra accuracy drop of LoRA", d, +1, "acc"))
+    return out
+
+
+def _f2(group, task):
+    out = []
+    for rate in _rates(group, "bpa"):
+        arms = dict(f=pick(group, mode="ff", attack="bpa", poison_rate=rate),
+                    l=pick(group, **BASELINE, attack="bpa", poison_rate=rate))
+        out.append(_row("F2", task, f"BPA {100 * rate:g}%", "ASR FF - LoRA",
+                        _paired(arms, lambda s: asr(s["f"]) - asr(s["l"])), +1, "asr"))
+        if all("asr_net" in r["metrics"] for a in arms.values() for r in a.values()):
+            out.append(_row("F2", task, f"BPA {100 * rate:g}%", "net ASR FF - LoRA",
+                            _paired(arms, lambda s: asr(s["f"], True) - asr(s["l"], True)), +1, "asr"))
+    return out
+
+
+def _sweep(group, task, finding):
+    """F3 (rank, with alpha/r and with rsLoRA) and F4 (k): the smallest against the largest swept value."""
+    field = "rank" if finding == "F3" else "init_scale"
+    fixed = {k: v for k, v in BASELINE.items() if k not in (field, "alpha", "rslora")}
+    out = []
+    for rslora in ((False, True) if finding == "F3" else (False,)):
+        lora = [r for r in group if r["config"]["mode"] == "lora" and r["config"]["rslora"] == rslora
+                and all(_same(r["config"].get(k), v) for k, v in fixed.items())
+                and (finding == "F3" or r["config"]["rank"] == 8)]
+        values = sorted({r["config"][field] for r in lora})
+        if len(values) < 2:
+            continue
+        lo, hi = values[0], values[-1]
+        tag = f"{field} {lo:g} vs {hi:g}" + (" (rsLoRA)" if rslora else "")
+        at = lambda v, **a: pick([r for r in lora if _same(r["config"][field], v)], **a)
+        for rate in _rates(lora, "upa"):
+            arms = dict(cl=at(lo, attack="none"), ul=at(lo, attack="upa", poison_rate=rate),
+                        ch=at(hi, attack="none"), uh=at(hi, attack="upa", poison_rate=rate))
+            drop = lambda s, x: acc(s["c" + x]) - acc(s["u" + x])  # F3: low rank drops more; F4: small k does
+            out.append(_row(finding, task, f"UPA {rate:g}, {tag}", f"drop({lo:g}) - drop({hi:g})",
+                            _paired(arms, lambda s: drop(s, "l") - drop(s, "h")), +1, "acc"))
+        for rate in _rates(lora, "bpa"):
+            arms = dict(l=at(lo, attack="bpa", poison_rate=rate), h=at(hi, attack="bpa", poison_rate=rate))
+            out.append(_row(finding, task, f"BPA {100 * rate:g}%, {tag}", f"ASR({hi:g}) - ASR({lo:g})",
+                            _paired(arms, lambda s: asr(s["h"]) - asr(s["l"])), +1, "asr"))
+    return out
+
+
+def _zoo(group, task):
+    """Each non-baseline init at rank 8 against the kaiming baseline: CACC, UPA drop, raw and net ASR."""
+    base = {k: v for k, v in BASELINE.items() if k != "init"}
+    inits = sorted({r["config"]["init"] for r in group if r["config"]["mode"] == "lora"} - {"kaiming_uniform"})
+    out = []
+    for init in inits:
+        arm = lambda i, **a: pick(group, **base, init=i, **a)
+        cond = dict(attack="none")
+        arms = dict(b=arm("kaiming_uniform", **cond), x=arm(init, **cond))
+        out.append(_row("zoo", task, init, "clean CACC init - baseline", _paired(arms, lambda s: acc(s["x"]) - acc(s["b"])), +1, "acc"))
+        for rate in _rates(group, "upa"):
+            arms = dict(bc=arm("kaiming_uniform", attack="none"), bu=arm("kaiming_uniform", attack="upa", poison_rate=rate),
+                        xc=arm(init, attack="none"), xu=arm(init, attack="upa", poison_rate=rate))
+            d = _paired(arms, lambda s: (acc(s["xc"]) - acc(s["xu"])) - (acc(s["bc"]) - acc(s["bu"])))
+            out.append(_row("zoo", task, f"{init}, UPA {rate:g}", "UPA drop init - baseline", d, +1, "acc"))
+        for rate in _rates(group, "bpa"):
+            arms = dict(b=arm("kaiming_uniform", attack="bpa", poison_rate=rate), x=arm(init, attack="bpa", poison_rate=rate))
+            for net in (False, True):
+                if net and not all("asr_net" in r["metrics"] for a in arms.values() for r in a.values()):
+                    continue
+                out.append(_row("zoo", task, f"{init}, BPA {100 * rate:g}%", ("net " if net else "") + "ASR init - baseline",
+                                _paired(arms, lambda s: asr(s["x"], net) - asr(s["b"], net)), +1, "asr"))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# output
+
+def markdown(rows):
+    head = "| finding | task | condition | effect (points) | mean | 95% CI | n | verdict | seeds for the reference effect |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        need = "-" if r["verdict"] != "inconclusive" else (
+            f"{r['seeds_needed']} (for {r['ref']:g})" if r["seeds_needed"] else f"> 1000 (for {r['ref']:g})")
+        verdict = r["verdict"] if r["finding"] != "zoo" else {"replicated": "higher", "opposite": "lower"}.get(r["verdict"], r["verdict"])
+        lines.append(f"| {r['finding']} | {r['task']} | {r['condition']} | {r['what']} | {r['mean']:+.2f} | "
+                     f"[{r['lo']:+.2f}, {r['hi']:+.2f}] | {r['n']} | {verdict} | {need} |")
+    return "\n".join(lines)
+
+
+def curves(runs, task, attack, rate, mode):
+    """[(samples, poisoned seen, mean acc, std acc, mean asr, std asr, n)] over the seeds of the baseline/FF arm."""
+    want = dict(BASELINE) if mode == "lora" else dict(mode="ff")
+    arm = pick([r for r in runs if r["config"]["task"] == task and r.get("curve")], **want, attack=attack,
+               **({"poison_rate": rate} if attack != "none" else {}))
+    points = defaultdict(list)
+    for r in arm.values():
+        for p in r["curve"]:
+            points[p["samples"]].append(p)
+    out = []
+    for samples, ps in sorted(points.items()):
+        if len(ps) < len(arm):  # a point that not every seed has (a run still going) would bias the mean
+            continue
+        a = [100 * p["acc"] for p in ps]
+        s = [100 * p["asr"] for p in ps if "asr" in p]
+        ma, sa = _ms(a)
+        ms_, ss = _ms(s) if s else (math.nan, math.nan)
+        out.append((samples, sum(p["poisoned_seen"] for p in ps) / len(ps), ma, sa, ms_, ss, len(ps)))
+    return out
+
+
+def _ms(v):
+    m = sum(v) / len(v)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
+
+
+def draw_curves(runs, task, path):
+    """CACC and ASR against samples seen, and ASR against poisoned samples seen, per attack and rate: FF vs LoRA."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    conds = sorted({(r["config"]["attack"], r["config"]["poison_rate"]) for r in runs
+                    if r["config"]["task"] == task and r.get("curve") and r["config"]["attack"] in ("upa", "bpa")})
+    if not conds:
+        return False
+    fig, axes = plt.subplots(len(conds), 3, figsize=(13, 3.2 * len(conds)), squeeze=False)
+    for row, (attack, rate) in zip(axes, conds):
+        for mode, color in (("ff", "tab:red"), ("lora", "tab:blue")):
+            for cond, ls in (((attack, rate), "-"), (("none", 0.0), ":")):
+                pts = curves(runs, task, cond[0], cond[1], mode)
+                if not pts:
+                    continue
+                x = [p[0] for p in pts]
+                label = f"{mode} {'clean' if cond[0] == 'none' else attack} (n={pts[-1][-1]})"
+                _band(row[0], x, [p[2] for p in pts], [p[3] for p in pts], color, ls, label)
+                if attack == "bpa" and cond[0] == "bpa":
+                    _band(row[1], x, [p[4] for p in pts], [p[5] for p in pts], color, ls, label)
+                    _band(row[2], [p[1] for p in pts], [p[4] for p in pts], [p[5] for p in pts], color, ls, label)
+        row[0].set_ylabel(f"{attack} {rate:g}: CACC (%)")
+        row[1].set_ylabel("ASR (%)")
+        row[2].set_ylabel("ASR (%)")
+        row[0].set_xlabel("samples seen")
+        row[1].set_xlabel("samples seen")
+        row[2].set_xlabel("poisoned samples seen")
+        for ax in row:
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+        if attack != "bpa":
+            row[1].set_visible(False)
+            row[2].set_visible(False)
+    fig.suptitle(f"{task}: curves over training, mean ± std over seeds (intermediate points: fixed dev subset; "
+                 f"last point: whole dev set)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _band(ax, x, m, s, color, ls, label):
+    ax.plot(x, m, ls, color=color, marker=".", label=label)
+    ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.15)

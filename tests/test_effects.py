@@ -1,0 +1,79 @@
+"""effects.py: paired effects on hand-made results whose differences are worked out by hand."""
+import pytest
+
+import effects
+
+BASE = dict(task="sst2", steps=300, batch_size=16, max_len=64, mode="lora", lr=5e-4, rank=8, alpha=16.0, rslora=False,
+            init="kaiming_uniform", init_scale=1 / 3, attack="none", poison_rate=0.0)
+
+
+def run(seed, acc, asr=None, asr_net=None, **cfg):
+    metrics = {"clean": {"acc": acc}}
+    if asr is not None:
+        metrics.update(asr=asr, asr_net=asr_net)
+    return {"config": {**BASE, **cfg, "seed": seed}, "metrics": metrics}
+
+
+FF = dict(mode="ff", lr=3e-5)
+
+
+def upa_runs():
+    # LoRA drops 5, 7, 9 points; FF drops 2, 3, 4 -> extra drop 3, 4, 5: mean 4, sd 1, CI 4 +- 4.303 / sqrt(3)
+    rows = []
+    for s, (ld, fd) in enumerate(((5, 2), (7, 3), (9, 4))):
+        rows += [run(s, 0.80), run(s, 0.80 - ld / 100, attack="upa", poison_rate=0.3),
+                 run(s, 0.82, **FF), run(s, 0.82 - fd / 100, attack="upa", poison_rate=0.3, **FF)]
+    return rows
+
+
+def test_f1_extra_drop_by_hand():
+    (row,) = [r for r in effects.effects(upa_runs()) if r["finding"] == "F1"]
+    assert row["mean"] == pytest.approx(4.0) and row["n"] == 3
+    assert row["lo"] == pytest.approx(4 - 4.303 / 3 ** 0.5, abs=1e-3)
+    assert row["verdict"] == "replicated"
+
+
+def test_runs_of_another_context_are_not_paired():
+    rows = upa_runs()
+    rows[1]["config"]["steps"] = 999  # seed 0's LoRA UPA run now belongs to another protocol: seed 0 drops out
+    (row,) = [r for r in effects.effects(rows) if r["finding"] == "F1"]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(4.5)
+
+
+def test_f2_raw_and_net_by_hand():
+    rows = []
+    for s, (f, l) in enumerate(((0.9, 0.3), (1.0, 0.5), (0.8, 0.4))):  # FF - LoRA: 60, 50, 40
+        rows += [run(s, 0.8, asr=f, asr_net=f - 0.1, attack="bpa", poison_rate=0.0045, **FF),
+                 run(s, 0.8, asr=l, asr_net=l, attack="bpa", poison_rate=0.0045)]  # net: 50, 40, 30
+    f2 = {r["what"]: r for r in effects.effects(rows) if r["finding"] == "F2"}
+    assert f2["ASR FF - LoRA"]["mean"] == pytest.approx(50.0)
+    assert f2["net ASR FF - LoRA"]["mean"] == pytest.approx(40.0)
+    assert f2["ASR FF - LoRA"]["condition"] == "BPA 0.45%"
+
+
+def test_f3_rank_contrast_uses_the_extremes():
+    rows = []
+    for s in range(3):
+        for rank, a in ((4, 0.2), (64, 0.9), (384, 0.5 + 0.1 * s)):  # ASR(384) - ASR(4) = 30, 40, 50
+            rows.append(run(s, 0.8, asr=a, asr_net=a, rank=rank, attack="bpa", poison_rate=0.0045))
+    (row,) = [r for r in effects.effects(rows) if r["finding"] == "F3"]
+    assert row["mean"] == pytest.approx(40.0) and "rank 4 vs 384" in row["condition"]
+
+
+def test_two_runs_for_one_seed_is_an_error():
+    rows = upa_runs() + [run(0, 0.5)]
+    with pytest.raises(ValueError, match="two runs"):
+        effects.effects(rows)
+
+
+def test_curves_mean_over_seeds_and_incomplete_points_dropped():
+    rows = []
+    for s, accs in enumerate(((0.6, 0.7, 0.8), (0.8, 0.9))):  # seed 1 has no third point yet
+        r = run(s, accs[-1], asr=0.5, asr_net=0.5, attack="bpa", poison_rate=0.0045)
+        r["curve"] = [{"step": 10 * (i + 1), "samples": 160 * (i + 1), "poisoned_seen": i + s, "acc": a, "asr": 0.5}
+                      for i, a in enumerate(accs)]
+        rows.append(r)
+    pts = effects.curves(rows, "sst2", "bpa", 0.0045, "lora")
+    assert [p[0] for p in pts] == [160, 320]
+    assert pts[0][2] == pytest.approx(70.0) and pts[0][3] == pytest.approx(2 ** 0.5 * 10)
+    assert pts[1][1] == pytest.approx(1.5)  # poisoned seen, mean of 1 and 2
