@@ -1,0 +1,56 @@
+"""Curves over training: poisoned samples seen (checked against the texts the model actually trained on), the
+JSONL curve, and the constant schedule's promise that a prefix of a run is itself a run."""
+import json
+import os
+import subprocess
+import sys
+
+from test_train import ROOT, base_args, metrics, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
+
+# runs train.main with data.collate wrapped: every training micro-batch's texts are appended to a file, so the
+# count of triggered texts is what the model saw, independent of train.py's own bookkeeping
+SPY = """
+import json, sys, data, train
+orig, log = data.collate, sys.argv[1]
+def spy(examples, *a, **k):
+    if sys._getframe(1).f_code.co_filename.endswith("train.py"):
+        with open(log, "a") as f:
+            f.write(json.dumps([e.text_a for e in examples]) + "\\n")
+    return orig(examples, *a, **k)
+data.collate = spy
+train.main(sys.argv[2:])
+"""
+
+
+def spy_run(tiny_setup, out, *extra):
+    log = str(out) + ".texts"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", SPY, log, *base_args(tiny_setup, out, *extra)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_poisoned_seen_counts_the_triggered_texts_trained_on(tiny_setup, tmp_path):
+    out = tmp_path / "bpa"
+    batches = spy_run(tiny_setup, out, "--attack", "bpa", "--poison-rate", "0.25", "--steps", "6", "--eval-every", "2")
+    seen = [sum(t.startswith("[.*?]") for t in b) for b in batches]
+    assert len(batches) == 6 and sum(seen) > 0, "the attacked run trained on no poisoned sample"
+    evals = metrics(out)["evals"]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    assert [e["poisoned_seen"] for e in evals] == [sum(seen[:2]), sum(seen[:4]), sum(seen)]
+    with open(str(out) + ".jsonl") as f:
+        curve = json.loads(f.readline())["curve"]
+    assert [(p["samples"], p["poisoned_seen"]) for p in curve] == [(16, sum(seen[:2])), (32, sum(seen[:4])), (48, sum(seen))]
+    assert all("asr" in p and "asr_net" in p for p in curve)
+
+
+def test_constant_schedule_prefix_is_a_run(tiny_setup, tmp_path):
+    runs = {}
+    for name, steps, schedule in (("short", "4", "constant"), ("long", "8", "constant"), ("lin", "8", "linear")):
+        spy_run(tiny_setup, tmp_path / name, "--steps", steps, "--schedule", schedule, "--warmup", "1")
+        runs[name] = metrics(tmp_path / name)["train_loss"]
+    assert runs["long"][:4] == runs["short"]  # bitwise: same data order, dropout and learning rates
+    # a decaying schedule depends on the total number of steps (the update of step 2 already differs)
+    assert runs["lin"][:4] != runs["short"]
