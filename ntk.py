@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lora import INITS, init_lora_A_
+from lora import RANDOM_A_INITS, init_lora_A_
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -39,15 +39,18 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def params_for(model, which):
     """{name: detached tensor} for a parameter subset of `model`:
-    "ff": every parameter except LoRA's A and B (what full fine-tuning trains; a LoRA layer's base weight counts),
-    "lora": what LoRA fine-tuning trains: every lora_B, every lora_A not frozen, and the head (`classifier.*`),
+    "ff": every parameter except those LoRA added (A, B, DoRA's magnitude): what full fine-tuning trains; a LoRA
+          layer's base weight counts,
+    "lora": what LoRA fine-tuning trains: the LoRA factors that are not frozen (A unless --freeze-a, B unless MiCA
+            freezes it, DoRA's magnitude) and the head (`classifier.*`),
     "trainable": whatever has requires_grad=True now.
     """
     named = dict(model.named_parameters())
+    added = (".lora_A", ".lora_B", ".lora_magnitude")
     if which == "ff":
-        keep = [n for n in named if not n.endswith((".lora_A", ".lora_B"))]
+        keep = [n for n in named if not n.endswith(added)]
     elif which == "lora":
-        keep = [n for n, p in named.items() if n.endswith(".lora_B") or (n.endswith(".lora_A") and p.requires_grad)]
+        keep = [n for n, p in named.items() if n.endswith(added) and p.requires_grad]
         if not keep:
             raise ValueError('params_for(model, "lora"): the model has no LoRA layers (call lora.apply_lora first)')
         keep += [n for n in named if n.startswith("classifier.")]
@@ -409,7 +412,7 @@ def main(argv=None):
                     default=torch.logspace(math.log10(1e-3), math.log10(2.0), 12, dtype=torch.float64).tolist(),
                     help="variance scales k, Var(A) = k / n_in (y axis); default 12 log-spaced in 0.001..2")
     f3.add_argument("--alpha", type=float, default=1.0, help="Renyi order of panel (a); 1 = Shannon, as Fig. 3")
-    f3.add_argument("--init", default="kaiming_uniform", choices=INITS, help="A init (Var(A) = k / n_in for each)")
+    f3.add_argument("--init", default="kaiming_uniform", choices=RANDOM_A_INITS, help="A init (Var(A) = k / n_in for each)")
     f3.add_argument("--seed", type=int, default=0, help="seed for the A draws")
     args = p.parse_args(argv)
 
