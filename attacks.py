@@ -168,6 +168,7 @@ ATTACKS = {
     "sbpa": Attack("archaic/poetic restyling, target label (App. E.1)", "non_target", "target", _style, None,
                    {"any_label": False, "paraphrase": None}),
 }
+BACKDOORS = tuple(name for name, attack in ATTACKS.items() if attack.rewrite)  # the attacks with an ASR
 
 
 def poison(name, examples, rate, seed, target=1, trigger=None, **options):
@@ -194,6 +195,11 @@ def poison(name, examples, rate, seed, target=1, trigger=None, **options):
     if opts.get("negative_rate"):
         changed = sorted(chosen + _negatives(out, chosen, opts["negative_rate"], rng, trigger))
     return out, changed
+
+
+def check(name, target=1, trigger=None, **options):
+    """Validate an attack's name, target, trigger and options as poison() would, without any data (flag checks)."""
+    _setup(name, target, trigger, options)
 
 
 def triggered_dev(name, dev_examples, target=1, trigger=None, seed=0, **options):

@@ -12,10 +12,10 @@ A curve is a run's list of evaluations [(step, clean dev accuracy), ...] on the 
    |a_FF(s) - a_LoRA(s)| <= 1 point (matched fit); if no step has matched fit, the smallest step with the first
    condition alone, and the remaining gap is reported.
 """
-import argparse
-import json
 import os
-import sys
+
+import cli
+import ledger
 
 TOLERANCE = 0.01     # 1 point of accuracy
 PLATEAU_FROM = 3750  # the last quarter of the 5,000-step calibration runs
@@ -102,22 +102,19 @@ def draw(curves, decision, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("results", help="results JSONL holding the calibration runs")
     p.add_argument("--out", default=None, help="folder for calib.md and calib.png (default: beside the JSONL)")
     p.add_argument("--task", default="sst2", help="GLUE task of the calibration runs")
     args = p.parse_args(argv)
-    try:
+    with cli.usage_errors():
         if not os.path.isfile(args.results):
-            raise ValueError(f"{args.results}: no such results JSONL; run `python sweep.py calib --protocol conv` first")
-        with open(args.results) as f:
-            lines = [json.loads(x) for x in f if x.strip()]
-        curves = calibration_curves(lines, args.task)
+            raise cli.UsageError(f"{args.results}: no such results JSONL; run `python sweep.py calib --protocol conv` "
+                                 "first")
+        curves = calibration_curves(ledger.runs(args.results), args.task)
         decision = choose(curves)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    out = args.out or os.path.dirname(os.path.abspath(args.results))
+        out = args.out or os.path.dirname(os.path.abspath(args.results))
+        cli.check_folder_path(out, "--out")
     os.makedirs(out, exist_ok=True)
     text = markdown(decision, curves)
     with open(os.path.join(out, f"calib-{args.task}.md"), "w") as f:

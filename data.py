@@ -15,12 +15,10 @@ Fields are split on tabs only, never with CSV quoting: GLUE's raw text has liter
 
 `python data.py download TASK --to DIR` fetches a task from GLUE's public URLs; `python data.py stats` counts rows.
 """
-import argparse
 import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -28,6 +26,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+import cli
 
 
 # -----------------------------------------------------------------------------
@@ -53,6 +53,15 @@ class Tokenizer:
         if self.pad_id is None:
             raise ValueError(f"{folder}: the vocabulary has no [PAD] token; not a BERT tokenizer")
         self.tok.no_padding()  # tokenizer.json may carry its own padding/truncation; we set ours per call
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def min_len(self, pair=False):
+        """The shortest max_len that keeps a token of every text: the special tokens ([CLS] a [SEP], and b [SEP] for
+        pairs) plus one per text. Below it the tokenizer silently stops truncating."""
+        return self.tok.num_special_tokens_to_add(pair) + (2 if pair else 1)
 
     def __call__(self, texts_a, texts_b=None, max_len=128):
         """Encode a batch; returns input_ids, token_type_ids, attention_mask as (B, T) int64 tensors,
@@ -122,6 +131,7 @@ SIMPLE = Format(("label", "text_a", "text_b"), 3, text_a=1, text_b=2, label=0, l
 GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/"
 MRPC_TRAIN_URL = "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt"
 MRPC_DEV_IDS_URL = GLUE_URL + "mrpc_dev_ids.tsv"
+TIMEOUT = 60.0  # seconds a download waits for the server (to connect, and for each read) before giving up
 
 TASKS = {
     "sst2": Task("SST-2", ("negative", "positive"),
@@ -219,12 +229,13 @@ def _show(header):
     return "<TAB>".join(header)
 
 
-def load_split(task, split, data_dir=None, cap=None, seed=0):
-    """The examples of <glue_dir>/<Folder>/<split>.tsv, split in {"train", "dev"}.
+def is_pair(task):
+    """Whether a task's examples are sentence pairs (text_a, text_b)."""
+    return TASKS[task_name(task)].glue.text_b >= 0
 
-    cap keeps a random subset of cap rows (all of them when the file has fewer), drawn with
-    random.Random(seed): the first cap of one seeded permutation, so a smaller cap is a subset of a larger one
-    for the same seed. Kept rows stay in file order; the training loop does its own shuffling."""
+
+def split_path(task, split, data_dir=None):
+    """<glue_dir>/<Folder>/<split>.tsv, split in {"train", "dev"}; an error naming the fix when it is missing."""
     name = task_name(task)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS} (GLUE's test labels are hidden)")
@@ -232,7 +243,16 @@ def load_split(task, split, data_dir=None, cap=None, seed=0):
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing; expected {name}'s {split}.tsv there. Point --data-dir (or GLUE_DIR) at "
                         f"the folder holding {TASKS[name].folder}/, or fetch it: python data.py download {name} --to DIR")
-    return subsample(read_tsv(path, name), cap, seed)
+    return path
+
+
+def load_split(task, split, data_dir=None, cap=None, seed=0):
+    """The examples of <glue_dir>/<Folder>/<split>.tsv, split in {"train", "dev"}.
+
+    cap keeps a random subset of cap rows (all of them when the file has fewer), drawn with
+    random.Random(seed): the first cap of one seeded permutation, so a smaller cap is a subset of a larger one
+    for the same seed. Kept rows stay in file order; the training loop does its own shuffling."""
+    return subsample(read_tsv(split_path(task, split, data_dir), task), cap, seed)
 
 
 def subsample(examples, cap, seed=0):
@@ -263,19 +283,19 @@ def collate(examples, tokenizer, max_len=128):
 # -----------------------------------------------------------------------------
 # download (for users; the tests feed local files through `fetch`)
 
-def download(task, to, fetch=None):
+def download(task, to, fetch=None, timeout=TIMEOUT):
     """Fetch one task from GLUE's public URLs into <to>/<Folder>/{train,dev}.tsv, in GLUE's format.
 
-    fetch(url, path) does the transfer (default: urllib). MRPC is not in a GLUE zip: like GLUE's own script we
-    split the MSR paraphrase train file into train and dev by GLUE's list of dev ID pairs (the SentEval copy
-    GLUE points at is tokenised text, unlike ../shared/data/glue/MRPC)."""
+    fetch(url, path) does the transfer (default: urllib, giving up on a server silent for `timeout` s). MRPC is not
+    in a GLUE zip: like GLUE's own script we split the MSR paraphrase train file into train and dev by GLUE's list of
+    dev ID pairs (the SentEval copy GLUE points at is tokenised text, unlike ../shared/data/glue/MRPC)."""
     name = task_name(task)
     folder = os.path.join(to, TASKS[name].folder)
     paths = [os.path.join(folder, f"{s}.tsv") for s in SPLITS]
     for p in paths:
         if os.path.exists(p):
             raise DataError(f"{p} already exists; remove it or choose another --to")
-    fetch = fetch or _fetch_url
+    fetch = fetch or (lambda url, path: fetch_url(url, path, timeout))
     with tempfile.TemporaryDirectory() as tmp:
         if name == "mrpc":
             msr, ids = os.path.join(tmp, "msr_paraphrase_train.txt"), os.path.join(tmp, "mrpc_dev_ids.tsv")
@@ -293,10 +313,13 @@ def download(task, to, fetch=None):
     return folder
 
 
-def _fetch_url(url, path):
+def fetch_url(url, path, timeout=TIMEOUT):
+    """Copy url to path. A server that accepts the connection and then says nothing is an error after `timeout`
+    seconds (the limit holds for the connection and for every read), never a hang."""
     try:
-        urllib.request.urlretrieve(url, path)
-    except OSError as e:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as e:  # URLError, HTTPError and socket timeouts are all OSErrors
         raise DataError(f"could not download {url} ({e}); check the connection, or fetch it by hand and put "
                         "train.tsv / dev.tsv under --data-dir") from None
 
@@ -349,22 +372,26 @@ def stats(data_dir=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="GLUE data: download a task, or count the rows of a GLUE folder.")
+    parser = cli.Parser(description="GLUE data: download a task, or count the rows of a GLUE folder.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="fetch a task from GLUE's public URLs (needs internet)")
     p.add_argument("task", help=f"one of {', '.join(TASKS)} (or GLUE's spelling: SST-2, CoLA, ...)")
     p.add_argument("--to", required=True, help="folder to write <Folder>/train.tsv and dev.tsv into; "
                                                "then use it as --data-dir or GLUE_DIR")
+    p.add_argument("--timeout", type=float, default=TIMEOUT,
+                   help="seconds to wait for the server (to connect, and for each read) before giving up")
     p = sub.add_parser("stats", help="rows and label counts per task and split")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
     args = parser.parse_args(argv)
-    try:
+    with cli.usage_errors():
         if args.command == "download":
-            print(f"wrote {download(args.task, args.to)}")
+            task_name(args.task)
+            if not args.timeout > 0:
+                raise cli.UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+            cli.check_folder_path(args.to, "--to")
+            print(f"wrote {download(args.task, args.to, timeout=args.timeout)}")
         else:
             print("\n".join(stats(args.data_dir)))
-    except DataError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ The NTK and Fisher are those of the deterministic network: every function here r
 are done in several passes). Batches are the tokenizer's dicts (input_ids,
 attention_mask, token_type_ids; other keys ignored) or, for plain models such as the tests' MLPs, an (N, d) tensor.
 """
-import argparse
 import contextlib
 import csv
 import math
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import cli
 from lora import RANDOM_A_INITS, init_lora_A_
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -401,7 +401,7 @@ def write_fig3_csv(grid, ranks, scales, n_in, alpha, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="NTK / Fisher tools. `fig3`: the paper's Eq. 18 / Figure 3 grid.")
+    p = cli.Parser(description="NTK / Fisher tools. `fig3`: the paper's Eq. 18 / Figure 3 grid.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f3 = sub.add_parser("fig3", help="entropy of eig(A^T A) over rank x variance scale: CSV + heatmap PNG")
     f3.add_argument("--out", required=True, help="output folder (fig3.csv, fig3.png)")
@@ -415,9 +415,12 @@ def main(argv=None):
     f3.add_argument("--init", default="kaiming_uniform", choices=RANDOM_A_INITS, help="A init (Var(A) = k / n_in for each)")
     f3.add_argument("--seed", type=int, default=0, help="seed for the A draws")
     args = p.parse_args(argv)
-
+    with cli.usage_errors():  # every check (fig3_grid's too) before the folder is made
+        cli.check_folder_path(args.out, "--out")
+        if args.n_in < 1 or args.seed < 0:
+            raise cli.UsageError(f"--n-in must be >= 1 and --seed >= 0, got {args.n_in} and {args.seed}")
+        grid = fig3_grid(args.ranks, args.scales, args.n_in, args.alpha, args.init, args.seed)
     os.makedirs(args.out, exist_ok=True)
-    grid = fig3_grid(args.ranks, args.scales, args.n_in, args.alpha, args.init, args.seed)
     csv_path, png_path = os.path.join(args.out, "fig3.csv"), os.path.join(args.out, "fig3.png")
     write_fig3_csv(grid, args.ranks, args.scales, args.n_in, args.alpha, csv_path)
     import matplotlib.pyplot as plt

@@ -6,11 +6,22 @@ information bits (Eq. 9) and Renyi entropies (Eq. 10), and correlate those with 
 at the same rank/variance/seed: the accuracy drop under UPA and the ASR under BPA (Spearman, with n).
 
     python spectrum.py --protocol cpu            # measure what is missing, then write results/cpu/spectrum.md
+
+It appends to results/<protocol>/spectrum.jsonl (one line per measured run, known by runspec.run_key) and rewrites
+results/<protocol>/spectrum.md.
 """
-import argparse
-import json
 import os
 from collections import defaultdict
+
+import attacks
+import cli
+import data
+import evaluate
+import ledger
+import ntk
+import report as R
+import runspec
+import sweep
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -19,16 +30,11 @@ SUMMARIES = ["ib"] + [f"h{a:g}" for a in ALPHAS]
 
 
 def summarise(eigs):
-    import ntk
     return {"ib": ntk.information_bits(eigs), **{f"h{a:g}": ntk.renyi_entropy(eigs, a) for a in ALPHAS}}
 
 
 def measure(run_dir, samples, seed=0):
     """IB and H_alpha of the trained run's LoRA-parameter Fisher on clean, label-flipped and triggered samples."""
-    import attacks
-    import data
-    import evaluate
-    import ntk
     args, net = evaluate.load_run(run_dir)
     tok = data.Tokenizer(args.model)
     clean = data.load_split(args.task, "train", args.data_dir, cap=samples, seed=seed + 12345)  # not the run's order
@@ -44,56 +50,70 @@ def measure(run_dir, samples, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", default="cpu")
+    p = cli.Parser(description=__doc__)
+    p.add_argument("--protocol", default="cpu", choices=sorted(sweep.PROTOCOLS),
+                   help="whose results/<protocol>/results.jsonl runs to measure")
     p.add_argument("--samples", type=int, default=32, help="training samples per spectrum")
     args = p.parse_args(argv)
-    import evaluate
-    import sweep
-    res_dir = os.path.join(ROOT, "results", args.protocol)
-    runs = evaluate.load_results(os.path.join(res_dir, "results.jsonl"))
-    spec_path = os.path.join(res_dir, "spectrum.jsonl")
-    measured = {}
-    if os.path.isfile(spec_path):
-        with open(spec_path) as f:
-            for line in f:
-                r = json.loads(line)
-                if r["samples"] != args.samples:  # spectra over different sample counts are not comparable
-                    raise SystemExit(f"error: {spec_path} holds spectra over {r['samples']} samples; "
-                                     f"pass --samples {r['samples']} or move the file away")
-                measured[r["key"]] = r
-    clean = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["attack"] == "none"
-             and r["config"]["init"] == "kaiming_uniform"]
+    with cli.usage_errors():
+        runs, measured, paths, rates = inputs(args)
     from tqdm import tqdm
-    for r in tqdm([r for r in clean if sweep.run_key(r["config"]) not in measured], desc="spectra", unit="run"):
+    for r in tqdm([r for r in runs if clean_kaiming_lora(r) and runspec.run_key(r["config"]) not in measured],
+                  desc="spectra", unit="run"):
         if not os.path.isfile(os.path.join(r["out"], "adapter.safetensors")):
             tqdm.write(f"{r['out']}: weights not on this machine; skipped")
             continue
-        line = {"key": sweep.run_key(r["config"]), "config": r["config"], "samples": args.samples,
+        line = {"key": runspec.run_key(r["config"]), "config": r["config"], "samples": args.samples,
                 "spectra": measure(r["out"], args.samples)}
-        with open(spec_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        ledger.append(paths["spectra"], line)
         measured[line["key"]] = line
+    report(runs, list(measured.values()), paths["md"], *rates)
+
+
+def inputs(args):
+    """(runs, spectra measured so far by run_key, output paths, (UPA rate, BPA rates)), or a UsageError."""
     proto = sweep.PROTOCOLS[args.protocol]
-    report(runs, list(measured.values()), os.path.join(res_dir, "spectrum.md"), proto["upa_rate"],
-           (proto["bpa_rate"], proto["bpa_rate2"]))
+    if not all(k in proto for k in ("upa_rate", "bpa_rate", "bpa_rate2")):
+        raise cli.UsageError(f"--protocol {args.protocol} has no rank/variance sweeps at one UPA and two BPA rates; "
+                             "the spectrum study reads the cpu or paper protocol's")
+    if args.samples < 2:
+        raise cli.UsageError(f"--samples must be >= 2 (one sample's spectrum is one eigenvalue), got {args.samples}")
+    res_dir = os.path.join(ROOT, "results", args.protocol)
+    results = os.path.join(res_dir, "results.jsonl")
+    if not os.path.isfile(results):
+        raise cli.UsageError(f"--protocol {args.protocol}: no results at {results} yet; "
+                             f"run python sweep.py all --protocol {args.protocol} first")
+    paths = {"spectra": os.path.join(res_dir, "spectrum.jsonl"), "md": os.path.join(res_dir, "spectrum.md")}
+    cli.check_file_path(paths["spectra"], "spectra file")
+    cli.check_file_path(paths["md"], "spectrum table")
+    measured = {}
+    for r in ledger.read(paths["spectra"]) if os.path.isfile(paths["spectra"]) else []:
+        if r["samples"] != args.samples:  # spectra over different sample counts are not comparable
+            raise cli.UsageError(f"{paths['spectra']} holds spectra over {r['samples']} samples; "
+                                 f"pass --samples {r['samples']} or move the file away")
+        measured[runspec.run_key(r["config"])] = r  # the key the line was stored under may predate newer flags
+    return ledger.runs(results), measured, paths, (proto["upa_rate"], (proto["bpa_rate"], proto["bpa_rate2"]))
+
+
+def clean_kaiming_lora(r):
+    c = r["config"]
+    return c["mode"] == "lora" and c["attack"] == "none" and c["init"] == "kaiming_uniform"
 
 
 def report(runs, spectra, path, upa_rate, bpa_rates):
     """Spearman correlations of each spectral summary with UPA accuracy drop and BPA ASR (at each of bpa_rates), over
     matched runs, and over cells (rank/variance settings: summary and robustness averaged over their seeds, so a cell
     counts once)."""
-    import evaluate
-    key = lambda c: json.dumps(c, sort_keys=True)
+    key = runspec.run_key
     drop = {key(a["config"]): a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"]
-            for a, b in evaluate._pairs(runs, "upa") if b["config"]["poison_rate"] == upa_rate}
+            for a, b in R.pairs(runs, "upa") if b["config"]["poison_rate"] == upa_rate}
     targets = {f"UPA {upa_rate:g} acc drop": drop}
     for rate in bpa_rates:
         targets[f"BPA {rate:g} ASR"] = {key(a["config"]): b["metrics"]["asr"]
-                                        for a, b in evaluate._pairs(runs, "bpa") if b["config"]["poison_rate"] == rate}
+                                        for a, b in R.pairs(runs, "bpa") if b["config"]["poison_rate"] == rate}
 
     def rho(pts):
-        return f"{evaluate.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})"
+        return f"{R.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})"
 
     def cell_means(pts):  # (setting, x, y) -> one (mean x, mean y) per setting
         cells = defaultdict(list)
@@ -107,7 +127,7 @@ def report(runs, spectra, path, upa_rate, bpa_rates):
         for summ in SUMMARIES:
             cells = []
             for values in targets.values():
-                pts = [(evaluate.setting_key(s["config"]), s["spectra"][data_set][summ], values[key(s["config"])])
+                pts = [(runspec.setting_key(s["config"]), s["spectra"][data_set][summ], values[key(s["config"])])
                        for s in spectra if key(s["config"]) in values]
                 cells += [rho([p[1:] for p in pts]), rho(cell_means(pts))]
             lines.append(f"| {data_set} | {summ} | " + " | ".join(cells) + " |")

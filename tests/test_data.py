@@ -387,7 +387,20 @@ def test_download_zip_without_the_task_folder(tmp_path):
 def test_failed_download_names_the_url(tmp_path):
     url = (tmp_path / "absent.zip").as_uri()  # a file:// URL: urllib's error path without the network
     with pytest.raises(DataError, match=f"could not download {url}"):
-        data._fetch_url(url, str(tmp_path / "out"))
+        data.fetch_url(url, str(tmp_path / "out"))
+
+
+def test_a_server_that_never_answers_times_out(tmp_path):
+    import socket
+    import time
+    with socket.socket() as server:  # accepts connections (the kernel's backlog) and never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/SST-2.zip"
+        t0 = time.time()
+        with pytest.raises(DataError, match=f"could not download {url}"):
+            data.fetch_url(url, str(tmp_path / "out"), timeout=0.5)
+    assert time.time() - t0 < 10
 
 
 def test_not_utf8(tmp_path):
@@ -401,14 +414,16 @@ def test_not_utf8(tmp_path):
 def test_cli_download_and_stats(tmp_path, monkeypatch, capsys):
     url = "https://dl.fbaipublicfiles.com/glue/data/CoLA.zip"
     archive = _zip({"CoLA/train.tsv": "s1\t1\t\tFine.\ns2\t0\t*\tFine it.\n", "CoLA/dev.tsv": "s1\t1\t\tOk.\n"})
-    monkeypatch.setattr(data, "_fetch_url", _local_fetch({url: archive}, []))
+    fetch = _local_fetch({url: archive}, [])
+    monkeypatch.setattr(data, "fetch_url", lambda url, path, timeout: fetch(url, path))
     data.main(["download", "cola", "--to", str(tmp_path)])
     data.main(["stats", "--data-dir", str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"wrote {os.path.join(str(tmp_path), 'CoLA')}"
     assert [line.split()[:3] for line in out[1:]] == [["cola", "train", "2"], ["cola", "dev", "1"]]
-    with pytest.raises(SystemExit, match="error: unknown task 'wnli'"):
+    with pytest.raises(SystemExit) as stop:
         data.main(["download", "wnli", "--to", str(tmp_path)])
+    assert stop.value.code == 2 and capsys.readouterr().err.startswith("error: unknown task 'wnli'")
 
 
 def test_collate_matches_transformers_on_real_mixed_batch(tokenizer_and_vocab):

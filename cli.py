@@ -1,0 +1,136 @@
+"""
+What every command line of the project shares: one-line errors with exit code 2, --help that shows every default,
+checks on the paths a user names, and the lock that makes a folder one live process's own.
+
+    parser = cli.Parser(description=__doc__)        # argparse, but a bad flag is one line and exit code 2
+    with cli.usage_errors():                        # UsageError (or a ValueError/OSError naming a flag or file)
+        ...                                         #   -> "error: <what and the fix>" on stderr, exit code 2
+    lock = cli.own_folder("runs/x")                 # held until the process ends, however it ends
+
+Imports nothing from the project: every other module may use it.
+"""
+import argparse
+import contextlib
+import fcntl
+import os
+import sys
+
+USAGE = 2  # the exit code of every usage error (argparse's own)
+LOCK_NAME = ".lock"
+
+
+class UsageError(ValueError):
+    """Bad flags, files or combinations: one line on stderr naming the flag and the fix, exit code 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the description's line breaks and show every default, 0 included; leave out only the empty ones
+    (None, False), whose help text says what happens then."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (plain argparse prints its whole usage block first), HelpFormatter by default."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kw)
+
+    def error(self, message):
+        self.exit(USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def fail(message):
+    """Stop with a usage error: one line on stderr, exit code 2."""
+    print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
+    sys.exit(USAGE)
+
+
+@contextlib.contextmanager
+def usage_errors(quiet=False):
+    """Turn the errors a user's input causes into one line and exit code 2: UsageError and the project's other
+    ValueErrors (DataError, CheckpointError, ...) name the flag or file and the fix; an OSError names the path.
+    quiet: exit without printing (the processes of a multi-process run other than the first)."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if quiet:
+            sys.exit(USAGE)
+        fail(e if isinstance(e, ValueError) else f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+
+
+# -----------------------------------------------------------------------------
+# paths a user names: checked before anything is written
+
+def _nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_file_path(path, flag):
+    """A file we will create or append to: not a folder, and its folder exists or can be made, writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; it must name a file")
+    base = _nearest_existing(path)
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path} is not writable; choose another file")
+    elif not os.path.isdir(base):
+        raise UsageError(f"{flag} {path}: {base} is a file, not a folder; choose another path")
+    elif not os.access(base, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot create it under {base} (not writable); choose another path")
+
+
+def check_folder_path(path, flag):
+    """A folder we will create or write into: not a file, and it or its nearest existing parent is writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file; it must name a folder")
+    base = _nearest_existing(path)
+    if not os.path.isdir(base):
+        raise UsageError(f"{flag} {path}: {base} is a file, not a folder; choose another path")
+    if not os.access(base, os.W_OK):
+        raise UsageError(f"{flag} {path}: {base} is not writable; choose another path")
+
+
+def check_input_file(path, what):
+    """A file we will read."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder; it must name a file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path}: no such file")
+
+
+# -----------------------------------------------------------------------------
+# one live process per folder
+
+def own_folder(folder, flag="--out"):
+    """Make `folder` (created if missing) this process's own until it ends: an exclusive flock on folder/.lock, which
+    the kernel releases when the process dies, so a crashed run never leaves it stuck. Another live process holding
+    it is a usage error. Returns the open lock file; keep a reference to it. The lock file itself stays in the
+    folder: deleting it would let a third process lock a new file while the second still holds the old one."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, LOCK_NAME), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UsageError(f"{flag} {folder} is in use by another live process (pid {holder}); wait for it to end or "
+                         f"choose another {flag}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def folder_entries(folder):
+    """What a folder holds besides its lock file ([] when it does not exist)."""
+    return sorted(e for e in os.listdir(folder) if e != LOCK_NAME) if os.path.isdir(folder) else []

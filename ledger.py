@@ -1,0 +1,96 @@
+"""
+The results ledger: JSON Lines files that gain one line per finished run (train.py's results, spectrum.py's spectra)
+and are read by sweep.py, report.py and spectrum.py. One reader and one writer, used everywhere.
+
+    ledger.append(path, {"config": ..., "metrics": ...})
+    ledger.runs(path)       # one record per run (the same run_key twice: its last line counts), in file order
+    ledger.read(path)       # every record, in order
+
+A writer killed mid-line leaves a torn last line (no newline, not JSON): read() skips it with a warning on stderr
+instead of refusing the file, and the next append() drops it, with a warning, so its own line starts on a fresh line.
+A line that is not a JSON object anywhere else is an error naming the file and line: that is damage, not a crash.
+"""
+import fcntl
+import json
+import os
+import sys
+
+import cli
+import runspec
+
+
+def read(path, require=()):
+    """The records (dicts) of a JSONL file, in order; blank lines are ignored. require: keys every record must have."""
+    cli.check_input_file(path, "results file")
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        record = _parse(raw)
+        if record is None and n == len(lines):  # the last line, without its newline: a killed writer's
+            print(f"warning: {path}:{n}: skipped a torn last line (a writer was stopped mid-line): "
+                  f"{raw[:60].decode('utf-8', 'replace')!r}...", file=sys.stderr)
+            continue
+        if record is None:
+            raise cli.UsageError(f"{path}:{n}: not a JSON object; repair or delete that line")
+        missing = [k for k in require if not isinstance(record.get(k), dict)]
+        if missing:
+            raise cli.UsageError(f"{path}:{n}: not a run's line (no {', '.join(missing)}); is this a results file?")
+        records.append(record)
+    return records
+
+
+def runs(path):
+    """The runs of a results file, one per run_key (a run recorded twice, e.g. by a resumed finish, counts once:
+    its last line, at the place of its first), each config completed with the flags it predates (runspec.complete)."""
+    by_key = {}
+    for r in read(path, require=("config", "metrics")):
+        r["config"] = runspec.complete(r["config"])
+        by_key[runspec.run_key(r["config"])] = r
+    return list(by_key.values())
+
+
+def append(path, record):
+    """Append one record as one line, under an exclusive lock, so concurrent writers' lines never interleave."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        _end_last_line(f, path)
+        f.write(json.dumps(record).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _parse(raw):
+    try:
+        record = json.loads(raw)
+    except ValueError:  # also UnicodeDecodeError: a line torn inside a character
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _end_last_line(f, path):
+    """Make the file end with a newline: a whole last line without one gets it; a torn one is dropped."""
+    size = f.seek(0, os.SEEK_END)
+    start = size
+    while start > 0:  # find where the last line starts
+        step = min(start, 1 << 16)
+        f.seek(start - step)
+        chunk = f.read(step)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            start = start - step + cut + 1
+            break
+        start -= step
+    if start == size:
+        return
+    f.seek(start)
+    tail = f.read()
+    if _parse(tail) is not None:
+        f.write(b"\n")
+        return
+    print(f"warning: {path}: dropped a torn last line (a writer was stopped mid-line): "
+          f"{tail[:60].decode('utf-8', 'replace')!r}...", file=sys.stderr)
+    f.truncate(start)

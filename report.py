@@ -1,0 +1,294 @@
+"""
+The report: what a results JSONL says, as Markdown tables, the paper's figures, the findings' effect sizes and the
+statistics behind them (mean ± sample std over seeds, Spearman correlations).
+
+    python report.py results/cpu/results.jsonl --out results/cpu   # table.md, tables.md, findings.md, fig1/2/4/5.png
+
+Runs are read with ledger.runs (a torn last line is skipped with a warning) and grouped by runspec.setting_key, so a
+configuration repeated over seeds is one row however many machines' files were concatenated. Each piece is a small
+function of the runs (or of their groups) that returns text or draws one figure; write_report puts them together.
+"""
+import json
+import math
+import os
+from collections import defaultdict
+
+import attacks
+import cli
+import ledger
+import runspec
+
+
+# -----------------------------------------------------------------------------
+# runs -> groups over seeds
+
+def flat_metrics(r):
+    m = r["metrics"]
+    out = {f"clean_{k}": v for k, v in m["clean"].items() if k != "n"}
+    if "asr" in m:
+        out["asr"] = m["asr"]
+        out.update({f"trig_{k}": v for k, v in m["triggered"].items() if k != "n"})
+    return out
+
+
+def group_runs(runs):
+    """Group runs whose configs differ only in the seed: {runspec.setting_key: [flat metrics, ...]}."""
+    groups = defaultdict(list)
+    for r in runs:
+        groups[runspec.setting_key(r["config"])].append(flat_metrics(r))
+    return groups
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+# -----------------------------------------------------------------------------
+# the table of every setting
+
+TABLE_KEYS = ["task", "mode", "rank", "init", "init_scale", "attack", "poison_rate"]
+TABLE_METRICS = ["clean_acc", "clean_precision", "clean_recall", "clean_f1", "asr", "trig_acc"]
+
+
+def markdown_table(groups):
+    head = TABLE_KEYS + ["seeds"] + TABLE_METRICS
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(groups, key=lambda k: [str(json.loads(k).get(c)) for c in TABLE_KEYS]):
+        cfg, ms = json.loads(key), groups[key]
+        lora_only = ("rank", "init", "init_scale")  # meaningless for full fine-tuning
+        cells = [_fmt(cfg.get(c)) if not (c in lora_only and cfg["mode"] == "ff") else "-" for c in TABLE_KEYS]
+        cells.append(str(len(ms)))
+        for m in TABLE_METRICS:
+            vals = [x[m] for x in ms if m in x]
+            cells.append("%.2f ± %.2f" % tuple(100 * v for v in mean_std(vals)) if vals else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# -----------------------------------------------------------------------------
+# the paper's figures and appendix tables
+
+# what each figure of the paper plots: x axis, the runs it uses, the series (bands), and one panel per metric
+# (sweep.FIGURES names the grids that train these runs)
+FIGURE_SPECS = {
+    "fig1": dict(x="poison_rate", attacks=("none", "upa"), series="mode", lora={"rank": 8, "init": "kaiming_uniform"}, panels=["clean_acc", "clean_f1"],
+                 title="UPA: metric vs poisoning rate (Fig. 1)"),
+    "fig2": dict(x="poison_rate", attacks=("bpa",), series="mode", lora={"rank": 8, "init": "kaiming_uniform"}, panels=["asr", "trig_acc", "clean_acc"],
+                 title="BPA: metric vs poisoning rate (Fig. 2)"),
+    "fig4": dict(x="rank", attacks=("none", "upa", "bpa"), series="attack", lora={"init": "kaiming_uniform"}, modes=("lora",),
+                 panels=["clean_acc", "asr"], title="LoRA rank (Fig. 4)", logx=2),
+    "fig5": dict(x="init_scale", attacks=("none", "upa", "bpa"), series="attack", lora={"rank": 8, "init": "kaiming_uniform"}, modes=("lora",),
+                 panels=["clean_acc", "asr"], title="A-init variance scale k (Fig. 5)", logx=10),
+}
+
+
+# the appendix tables, selected like the figures: x = the table's rows, one column per (metric, series)
+TABLE_SPECS = {
+    "tabE1": dict(x="attack", attacks=("clbpa", "ilbpa", "mt", "sbpa"), series="mode", lora={"rank": 8, "init": "kaiming_uniform"},
+                  panels=["asr", "clean_acc", "clean_precision", "clean_recall", "clean_f1"], title="Extra backdoors (Table E.1)"),
+    **{f"tabE2 {init}": dict(x="init_scale", attacks=("none", "bpa"), series="attack", lora={"rank": 8, "init": init}, modes=("lora",),
+                             panels=["clean_acc", "asr"], xs=(0.333, 1.0, 2.0), title=f"A-init type {init} x variance scale k (Table E.2)")
+       for init in ("gaussian", "kaiming_uniform")},  # xavier_normal = gaussian here (sweep.py, tabE2)
+}
+
+
+def figure_data(groups, spec):
+    """{panel: {series: [(x, mean, std, n), ...] sorted by x}} for one figure spec."""
+    out = defaultdict(lambda: defaultdict(list))
+    for key, ms in groups.items():
+        cfg = json.loads(key)
+        if cfg["attack"] not in spec["attacks"] or cfg["mode"] not in spec.get("modes", ("lora", "ff")):
+            continue
+        if cfg["mode"] == "lora" and any(cfg.get(k) != v for k, v in spec["lora"].items()):
+            continue
+        if spec["x"] != "init_scale" and cfg["mode"] == "lora" and abs(cfg["init_scale"] - 1 / 3) > 1e-6:
+            continue
+        if "xs" in spec and cfg[spec["x"]] not in spec["xs"]:
+            continue
+        series = cfg[spec["series"]]
+        if spec["series"] == "attack":  # rank/variance sweeps: one band per (attack, rate)
+            series = "clean" if series == "none" else f"{series} {cfg['poison_rate']:g}"
+        for panel in spec["panels"]:
+            vals = [m[panel] for m in ms if panel in m]
+            if vals:
+                out[panel][series].append((cfg[spec["x"]], *mean_std(vals), len(vals)))
+    # a series is a sweep over x: points that only share a rank/variance with another grid (e.g. fig1's rank-8
+    # runs at other rates) have fewer than 3 x values there and are left out
+    keep = 3 if spec["series"] == "attack" else 1
+    kept = {p: {s: sorted(pts) for s, pts in series.items() if len({x for x, *_ in pts}) >= keep} for p, series in out.items()}
+    return {p: series for p, series in kept.items() if series}
+
+
+def figure_table(data_, spec):
+    """One figure's or table's numbers as Markdown: a row per x value, a column per (metric, series), in % ("mean ±
+    std (n seeds)"); what REPORT.md quotes."""
+    cols = [(p, s) for p in spec["panels"] if p in data_ for s in sorted(data_[p], key=lambda s: (s != "clean", s))]
+    cell = lambda m, sd, n: "%.1f ± %.1f (%d)" % (100 * m, 100 * sd, n) if n > 1 else "%.1f (1)" % (100 * m)
+    cells = {(p, s, x): cell(m, sd, n) for p, s in cols for x, m, sd, n in data_[p][s]}
+    xs = sorted({x for p, s, x in cells})
+    head = [spec["x"]] + [f"{p} · {s}" for p, s in cols]
+    lines = [f"### {spec['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([_fmt(x)] + [cells.get((p, s, x), "") for p, s in cols]) + " |" for x in xs]
+    return "\n".join(lines)
+
+
+def draw(name, data_, spec, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [p for p in spec["panels"] if p in data_]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for series, pts in sorted(data_[panel].items()):
+            x = [p[0] for p in pts]
+            m = [100 * p[1] for p in pts]
+            s = [100 * p[2] for p in pts]
+            ax.plot(x, m, marker="o", label=str(series))
+            ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.25)
+        if spec.get("logx"):
+            ax.set_xscale("log", base=spec["logx"])
+        ax.set_xlabel(spec["x"].replace("_", " "))
+        ax.set_ylabel(panel.replace("_", " ") + " (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(title=spec["series"])
+    fig.suptitle(spec["title"] + " — mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# statistics and the findings
+
+def spearman(x, y):
+    """Spearman's rank correlation (average ranks for ties) = Pearson correlation of the ranks; nan if constant."""
+    import numpy as np
+
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        r = np.empty(len(v))
+        r[v.argsort(kind="mergesort")] = np.arange(1, len(v) + 1)
+        for value in np.unique(v):  # ties share the mean of their ranks
+            r[v == value] = r[v == value].mean()
+        return r
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"spearman needs two equal-length samples of at least 3 (got {len(x)}, {len(y)})")
+    rx, ry = ranks(x), ranks(y)
+    return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
+
+
+def pairs(runs, attack):
+    """(clean run, attacked run) pairs whose configs differ only in attack and rate (same seed, same everything)."""
+    strip = lambda c: runspec.run_key(c, without=("attack", "poison_rate"))
+    clean = {strip(r["config"]): r for r in runs if r["config"]["attack"] == "none"}
+    return [(clean[strip(r["config"])], r) for r in runs
+            if r["config"]["attack"] == attack and strip(r["config"]) in clean]
+
+
+def _default_lora(c):
+    return c["mode"] == "ff" or (c["rank"] == 8 and c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6)
+
+
+def findings(runs):
+    """The measured effects behind the paper's findings F1-F4, as Markdown (mean ± sample std over seeds, n)."""
+    ms = lambda v: "%+.2f ± %.2f (n=%d)" % (*(100 * x for x in mean_std(v)), len(v)) if v else "no runs"
+    out = ["F1 (UPA hurts LoRA more): accuracy drop clean -> UPA, LoRA minus FF, in points, paired by seed"]
+    drops = defaultdict(dict)
+    for clean, bad in pairs(runs, "upa"):
+        c = bad["config"]
+        if _default_lora(c):
+            drops[(c["poison_rate"], c["seed"])][c["mode"]] = clean["metrics"]["clean"]["acc"] - bad["metrics"]["clean"]["acc"]
+    for rate in sorted({r for r, _ in drops}):
+        d = [v["lora"] - v["ff"] for (r, _), v in drops.items() if r == rate and len(v) == 2]
+        out.append(f"- rate {rate:g}: {ms(d)}")
+    out.append("F2 (LoRA resists BPA better; App. E.1 for the other backdoors): ASR of FF minus ASR of LoRA, in points, "
+               "paired by seed")
+    asr = defaultdict(dict)
+    for r in runs:
+        c = r["config"]
+        if c["attack"] in attacks.BACKDOORS and _default_lora(c):
+            asr[(c["attack"], c["poison_rate"], c["seed"])][c["mode"]] = r["metrics"]["asr"]
+    for attack, rate in sorted({k[:2] for k in asr}, key=lambda k: (attacks.BACKDOORS.index(k[0]), k[1])):
+        d = [v["ff"] - v["lora"] for k, v in asr.items() if k[:2] == (attack, rate) and len(v) == 2]
+        out.append(f"- {attack} rate {rate:g}: {ms(d)}")
+    for name, key, keep in (("F3 (rank)", "rank", lambda c: c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6),
+                            ("F4 (A-init variance k)", "init_scale", lambda c: c["init"] == "kaiming_uniform" and c["rank"] == 8)):
+        lora_runs = [r for r in runs if r["config"]["mode"] == "lora" and keep(r["config"])]
+        upa = [(b["config"]["poison_rate"], b["config"]["seed"], b["config"][key],
+                a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"]) for a, b in pairs(lora_runs, "upa")]
+        bpa = [(r["config"]["poison_rate"], r["config"]["seed"], r["config"][key], r["metrics"]["asr"])
+               for r in lora_runs if r["config"]["attack"] == "bpa"]
+        for what, pts in (("UPA accuracy drop", upa), ("BPA ASR", bpa)):
+            for rate in sorted({p[0] for p in pts}):  # one correlation per poisoning rate, where the sweep varied `key`
+                xy = [p[2:] for p in pts if p[0] == rate]
+                if len({x for x, _ in xy}) >= 3:
+                    # within one seed only the swept value changes (same data order and poison; in the k sweep, the same A up to scale)
+                    per_seed = {sd: [p[2:] for p in pts if p[:2] == (rate, sd)] for sd in sorted({p[1] for p in pts})}
+                    within = ", ".join(f"seed {sd} {spearman(*zip(*v)):+.2f}" for sd, v in per_seed.items()
+                                       if len({x for x, _ in v}) >= 3)
+                    out.append(f"{name}: Spearman of {key} with {what} at rate {rate:g}: "
+                               f"{spearman(*zip(*xy)):+.2f} (n={len(xy)} runs, {len({x for x, _ in xy})} values); "
+                               f"within seeds: {within}")
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# python report.py RESULTS.jsonl
+
+def with_runs(groups):
+    """{name: (spec, data)} of the figures and appendix tables that have runs to show, in the paper's order."""
+    specs = {**FIGURE_SPECS, **TABLE_SPECS}
+    return {name: (spec, d) for name, spec in specs.items() if (d := figure_data(groups, spec))}
+
+
+def numbers(pieces):
+    """tables.md: the numbers of every figure and table in `pieces` (with_runs)."""
+    return ("# The paper's figures and tables as numbers: mean ± sample std in % (seeds)\n\n"
+            + "\n\n".join(figure_table(d, spec) for spec, d in pieces.values()))
+
+
+def write_text(out_dir, name, text):
+    with open(os.path.join(out_dir, name), "w") as f:
+        f.write(text + "\n")
+
+
+def write_report(runs, out_dir):
+    """The whole report of `runs` into out_dir: table.md, findings.md, tables.md and the figures."""
+    groups = group_runs(runs)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in (("table.md", markdown_table(groups)), ("findings.md", findings(runs))):
+        write_text(out_dir, name, text)
+        print(text)
+    pieces = with_runs(groups)
+    for name, (spec, d) in pieces.items():
+        if name in FIGURE_SPECS:
+            draw(name, d, spec, os.path.join(out_dir, f"{name}.png"))
+            print(f"wrote {os.path.join(out_dir, name + '.png')}")
+    write_text(out_dir, "tables.md", numbers(pieces))
+
+
+def main(argv=None):
+    p = cli.Parser(description=__doc__)
+    p.add_argument("results", help="a results JSONL (train.py's --results; sweep.py's results/<protocol>/results.jsonl)")
+    p.add_argument("--out", default=None, help="folder for table.md, tables.md, findings.md and the figures "
+                                               "(default: the JSONL's folder)")
+    args = p.parse_args(argv)
+    with cli.usage_errors():
+        runs = ledger.runs(args.results)
+        if not runs:
+            raise cli.UsageError(f"{args.results} holds no runs yet; nothing to report")
+        out = args.out or os.path.dirname(os.path.abspath(args.results))
+        cli.check_folder_path(out, "--out")
+    write_report(runs, out)
+
+
+if __name__ == "__main__":
+    main()
