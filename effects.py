@@ -15,15 +15,13 @@ direction:
     F4  BPA: ASR(k hi) - ASR(k lo); UPA: drop(k lo) - drop(k hi)       Sec. 3.3: smaller Var(A), lower ASR, more drop
     zoo each init minus the baseline (kaiming k = 1/3): no paper direction, so + is only "higher than baseline"
 """
-import json
 import math
 from collections import defaultdict
 
+import runspec
 import stats
 
-LORA_FIELDS = ("rank", "alpha", "rslora", "init", "init_scale", "freeze_a", "lora_dropout", "targets")
-ARM_FIELDS = ("mode", "lr", *LORA_FIELDS, "attack", "poison_rate", "poison_pool", "trigger", "target_label", "seed")
-DEFAULTS = {"poison_pool": "attack", "schedule": "linear"}  # flags added after the cpu runs were recorded
+ARM_FIELDS = ("mode", "lr", *runspec.LORA_ONLY, "attack", "poison_rate", "poison_pool", "trigger", "target_label", "seed")
 BASELINE = dict(mode="lora", rank=8, alpha=16.0, rslora=False, init="kaiming_uniform", init_scale=1 / 3)
 DELTA = {"acc": 2.0, "asr": 5.0}  # the 'no effect' margins, in points (REPORT.md)
 # the paper's effect sizes where its text gives one (its figures are not in our copy): F1 from its 5-seed SST-2
@@ -32,16 +30,15 @@ PAPER_EFFECT = {"F1": 0.5, "F2": 30.0}
 
 
 def context(config):
-    """Everything that must be equal for two runs to be compared: the config less the arm fields and paths."""
-    c = {**DEFAULTS, **config}
-    return json.dumps({k: v for k, v in sorted(c.items()) if k not in ARM_FIELDS and k not in ("data_dir", "model")})
+    """Everything that must be equal for two runs to be compared: the run's identity less the arm fields."""
+    return runspec.run_key(config, without=ARM_FIELDS)
 
 
 def pick(runs, **want):
     """{seed: run} of the runs whose config has these values (floats equal to 1e-6 relative); one run per seed."""
     out = {}
     for r in runs:
-        c = {**DEFAULTS, **r["config"]}
+        c = runspec.complete(r["config"])
         if all(_same(c.get(k), v) for k, v in want.items()):
             if c["seed"] in out:
                 raise ValueError(f"two runs answer {want} for seed {c['seed']} in one context: "

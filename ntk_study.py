@@ -6,6 +6,10 @@ train sentences by default), at initialisation and after clean training.
     python ntk_study.py inits --out results/theory   # every init in lora.INITS at rank 8 (q, v) -> inits.md
     python ntk_study.py runs runs --out results/theory   # trained clean runs found under runs/ -> runs.md
 
+Cost on one CPU thread (MiniLM, N = 64, max length 64): FF's kernels about 70 s a draw at a 7.6 GB peak (the word
+embeddings' Jacobian), cached in <out>/cache/ and shared by thm36 and inits; then 3-9 s a LoRA model: thm36 about
+8 minutes for its 3 x 32 models, inits about 1.5 minutes; runs about 70 s per FF run and 4 s per LoRA run a draw.
+
 What is measured, on N sentences (one draw per seed: the samples, the head init and the A draws):
 
     K_g(x, x') = J_g(x) J_g(x')^T     logit NTK (Eq. 6) w.r.t. one parameter group g, (N, N, C, C) (ntk.empirical_ntk)
@@ -20,6 +24,8 @@ Theorem 3.6 comparison is run on three parameter sets, FF's against LoRA's:
     trained   all parameters          vs  LoRA's trainable ones (A, B and the classifier head)
     adapted   all but the head        vs  A and B (the adapted parameters: the honest comparison)
     layers    W of the q, v layers    vs  A and B (Thm 3.3's per-layer kernels, Eq. 15)
+
+("A and B": whatever the init trains in the adapted layers: MiCA trains A only, DoRA adds its magnitude vector.)
 
 At initialisation B = 0, so dF/dA = s B^T(...) = 0 exactly: A carries no gradient, K_A = 0, and LoRA's kernel is
 B's alone, K_B = s^2 sum_tt' (d_t . d'_t') x_t^T A^T A x'_t' (Lemma 3.1 with the scaling s = alpha / r that the
@@ -37,6 +43,11 @@ and the Loewner check of the proof's central step (A.5, Eq. 40: I_LoRA <= I_FF):
 lambda_max(G_F), <= 0 iff G_L <= G_F. The paper's Eq. 40-43 then use sums of raw eigenvalues, not IB and H_alpha
 as Eq. 9-10 define them; a Loewner order bounds each eigenvalue (Weyl) but implies neither IB_L <= IB_F (a smaller
 support drops log-terms of either sign) nor H_L <= H_F (entropy is scale-free), so both are measured, not inferred.
+IB is in nats and depends on the parameterisation's scale (B's gradient carries s, W's does not).
+
+`runs` measures each finished clean run (evaluate.load_run) on the same draws and pairs every LoRA run with every
+FF run of the same task, seed and max length. After training, samples fit to e_i ~ 0 drop below the tolerance, so
+the supports differ; the pair tables also give IB over each one's top-t eigenvalues, t the smaller support.
 """
 import argparse
 import copy
@@ -186,6 +197,11 @@ def compare(lora_m, ff_m, sets=SETS):
         Gl, Gf = fisher_gram(Kl[s], lora_m["e"]), fisher_gram(Kf[s], ff_m["e"])
         out[s] = {"lora": summarise(Gl), "ff": summarise(Gf), "loewner": loewner_excess(Gl, Gf),
                   **distances(Kl[s], Kf[s])}
+        # IB over each one's top-t eigenvalues, t = the smaller support: IB on supports of different sizes sums
+        # different numbers of log-terms (after training, samples fit to e_i ~ 0 leave the support)
+        t = min(out[s]["lora"]["support"], out[s]["ff"]["support"])
+        out[s]["ib_common"] = {"support": t, **{who: 0.5 * spectrum(G)[:t].double().log().sum().item()
+                                                for who, G in (("lora", Gl), ("ff", Gf))}}
     return out
 
 
@@ -356,15 +372,20 @@ def verdict_table(rows, set_name):
     return lines
 
 
-def detail_table(rows, set_name, key_cols):
-    """One row per setting: LoRA - FF differences (mean ± sd over draws), supports, Loewner excess, distances."""
-    head = [*key_cols, "IB_L - IB_F", *(f"H{a:g}_L - H{a:g}_F" for a in ALPHAS), "support L / F",
+def detail_table(rows, set_name, key_cols, common=False):
+    """One row per setting: LoRA - FF differences (mean ± sd over draws), supports, Loewner excess, distances;
+    common: also IB_L - IB_F over the common top-t eigenvalues (compare)."""
+    head = [*key_cols, "IB_L - IB_F", *(["same, top-t common"] if common else []),
+            *(f"H{a:g}_L - H{a:g}_F" for a in ALPHAS), "support L / F",
             "max over draws of λmax(G_L-G_F)/λmax(G_F)", "1 - align", "‖K_L‖/‖K_F‖"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, rs in group_rows(rows, lambda r: tuple(r[c] for c in key_cols)).items():
         d = [r["sets"][set_name] for r in rs]
         diffs = [mean_sd([x["lora"][m] - x["ff"][m] for x in d]) + f" ({below([x['lora'][m] - x['ff'][m] for x in d])})"
                  for m in SUMMARIES]
+        if common:
+            c = [x["ib_common"]["lora"] - x["ib_common"]["ff"] for x in d]
+            diffs.insert(1, f"{mean_sd(c)} ({below(c)}, t = {'/'.join(str(x['ib_common']['support']) for x in d)})")
         supp = "/".join(sorted({f"{x['lora']['support']}/{x['ff']['support']}" for x in d}))
         stats = [f"{max(x['loewner'] for x in d):+.3g}", f"{statistics.mean(x['misalign'] for x in d):.3g}",
                  f"{statistics.mean(x['norm_ratio'] for x in d):.3g}"]
@@ -524,7 +545,7 @@ def runs_markdown(res):
         for r in res["rows"]:
             r["pair"] = f"{os.path.basename(r['lora'])} vs {os.path.basename(r['ff'])}"
         for s in SETS:
-            out += ["", f"## LoRA vs FF, {s}", "", *detail_table(res["rows"], s, ("pair",))]
+            out += ["", f"## LoRA vs FF, {s}", "", *detail_table(res["rows"], s, ("pair",), common=True)]
     return "\n".join(out) + "\n"
 
 

@@ -155,6 +155,20 @@ def test_loewner_excess_by_hand():
     assert S.loewner_excess(diag(3, 1), diag(2, 2)) == pytest.approx(0.5)  # not ordered: excess 1 / lambda_max 2
 
 
+def test_compare_by_hand_with_supports_of_different_sizes():
+    """C = 1, e = 1, K = N diag(...): G = diag(...). LoRA diag(4, 1, 0) (support 2) vs FF 2 I (support 3)."""
+    zero = as_kernel(torch.zeros(3, 3))
+    lo = {"e": torch.ones(3, 1, dtype=torch.float64), "K": {"head": zero, "adapted": as_kernel(3 * torch.diag(
+        torch.tensor([4.0, 1.0, 0.0])))}}
+    ff = {"e": torch.ones(3, 1, dtype=torch.float64), "K": {"head": zero, "rest": zero,
+                                                             "target": as_kernel(3 * 2 * torch.eye(3))}}
+    out = S.compare(lo, ff)["layers"]
+    assert out["lora"]["support"] == 2 and out["ff"]["support"] == 3
+    assert out["lora"]["ib"] == pytest.approx(0.5 * math.log(4)) and out["ff"]["ib"] == pytest.approx(0.5 * math.log(8))
+    assert out["ib_common"] == pytest.approx({"support": 2, "lora": 0.5 * math.log(4), "ff": 0.5 * math.log(4)})
+    assert out["loewner"] == pytest.approx(1.0)  # lambda_max(diag(2, -1, -2)) / 2
+
+
 def test_compare_of_a_model_with_itself_is_zero_everywhere():
     m = S.measure(tiny_bert(), tiny_batch())
     for v in S.compare(m, m).values():
