@@ -77,3 +77,13 @@ def test_curves_mean_over_seeds_and_incomplete_points_dropped():
     assert [p[0] for p in pts] == [160, 320]
     assert pts[0][2] == pytest.approx(70.0) and pts[0][3] == pytest.approx(2 ** 0.5 * 10)
     assert pts[1][1] == pytest.approx(1.5)  # poisoned seen, mean of 1 and 2
+
+
+def test_verdicts_table_cells():
+    import report
+    rows = effects.effects(upa_runs())
+    cell = report.headline_cell(rows, "F1", "sst2", "UPA 0.3", None)
+    assert cell == "UPA 0.3: +4.0 [+1.5, +6.5], n=3, **replicated**"  # 4 +- 4.303 / sqrt(3) = 4 +- 2.48
+    assert report.headline_cell(rows, "F2", "sst2", "BPA 1%", None) == "not run yet"
+    table = report.verdicts({"cpu": rows})
+    assert "| F1: UPA 0.3, LoRA's extra accuracy drop | UPA 0.3: +4.0" in table
