@@ -127,6 +127,10 @@ def test_summarise_by_hand():
     assert out["h1"] == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-6)
     assert out["h2"] == pytest.approx(-math.log(sum(x * x for x in p)), abs=1e-6)
     assert out["h0.5"] == pytest.approx(2 * math.log(sum(math.sqrt(x) for x in p)), abs=1e-6)
+    assert out["support_f64"] == 3 and out["ib_f64"] == pytest.approx(out["ib"], abs=1e-6)
+    graded = S.summarise(torch.diag(torch.tensor([1.0, 1e-8], dtype=torch.float64)))  # 1e-8 < float32's cut 2.4e-7
+    assert (graded["support"], graded["ib"]) == (1, 0.0)
+    assert graded["support_f64"] == 2 and graded["ib_f64"] == pytest.approx(0.5 * math.log(1e-8))
 
 
 def as_kernel(mat):
