@@ -357,6 +357,33 @@ def verdicts(protocol_rows, extra_rows=()):
     return "\n".join(lines)
 
 
+def thm36_rows(root):
+    """Theorem 3.6's rows of the verdicts table, from ntk_study.py's committed JSON (results/theory): on the
+    adapted parameters (A, B vs FF without the head), in how many (rank, k, alpha) settings LoRA's IB and H_alpha
+    (alpha 0.5, 1, 2) are below FF's in every draw. The theorem says: always."""
+    out = []
+    for name, what in (("thm36.json", "at init"), ("runs.json", "after clean training")):
+        path = os.path.join(root, "theory", name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        cells = defaultdict(list)
+        for r in rows:
+            cells[(r.get("rank"), r.get("k"), r.get("alpha"), r.get("lora"))].append(r["sets"]["adapted"])
+        every = lambda test: sum(all(test(d) for d in ds) for ds in cells.values())
+        ib = every(lambda d: d["lora"]["ib"] < d["ff"]["ib"])
+        h = every(lambda d: all(d["lora"][m] < d["ff"][m] for m in ("h0.5", "h1", "h2")))
+        h_above = every(lambda d: all(d["lora"][m] > d["ff"][m] for m in ("h0.5", "h1", "h2")))
+        n, draws = len(cells), max(len(ds) for ds in cells.values())
+        kind = lambda k: "holds" if k == n else ("fails" if k == 0 else "mixed")
+        out.append((f"Thm 3.6 {what}: IB_LoRA < IB_FF", "-",
+                    f"{ib}/{n} settings in all {draws} draws: **{kind(ib)}**"))
+        out.append((f"Thm 3.6 {what}: H_alpha,LoRA < H_alpha,FF", "-",
+                    f"{h}/{n} settings in all {draws} draws (above in {h_above}/{n}): **{kind(h)}**"))
+    return out
+
+
 def report_all(root):
     """Every results/<protocol>/results.jsonl's report, then results/verdicts.md."""
     rows = {}
@@ -365,7 +392,7 @@ def report_all(root):
         if os.path.isfile(path) and (runs := ledger.runs(path)):
             write_report(runs, os.path.join(root, protocol))
             rows[protocol] = effects.effects(runs)
-    text = verdicts(rows)
+    text = verdicts(rows, thm36_rows(root) if "conv" in rows else ())
     write_text(root, "verdicts.md", VERDICTS_HEAD + text)
     print(text)
 
