@@ -10,13 +10,13 @@ sentences padded to the longest of them (truncated at 64), as training actually 
     python bench.py                      # MiniLM default, 8 x 64 tokens, all threads
     python bench.py --threads 2 --steps 30 --compile
 """
-import argparse
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+import cli
 import model as M
 
 
@@ -32,7 +32,7 @@ def make_step(net, forward, lr=3e-6):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)

@@ -12,13 +12,13 @@ Peak memory is the process's resident-set high-water mark (VmHWM), reset before 
 wall times vary with the other jobs (the load average is printed alongside), and `--threads 1` avoids the
 thread-synchronisation stalls that two threads suffer when another job holds a core.
 """
-import argparse
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+import cli
 import ntk
 from lora import apply_lora
 from model import default_model_dir, from_pretrained
@@ -66,7 +66,7 @@ def loop_spectrum(model, batch, labels, params):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM-L6-H384)")
     p.add_argument("--samples", type=int, default=256, help="samples for the LoRA spectrum")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sample")
