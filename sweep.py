@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # `cpu`: what a 2-core machine affords with the embedded MiniLM (see results/REPORT.md for how it was chosen).
 # run order of the converged protocol, each stage with its number of seeds: a partial sweep already answers the
 # headline question (F1/F2 with 5 seeds), then F3, F4, the second task and the init zoo (issue 12) with 3
-CONV_STAGES = ((("calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola-calib",), 1), (("cola",), 3),
+CONV_STAGES = ((("calib",), 1), (("cola-calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola",), 3),
                (("zoo",), 3))
 PROTOCOLS = {
     "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
@@ -47,7 +47,9 @@ PROTOCOLS = {
                          "--ckpt-every", "500"],
                  calib=dict(tasks=("sst2",), steps=5000, eval_every=250,
                             lr={"lora": ("2e-4", "5e-4", "1e-3"), "ff": ("1e-5", "2e-5", "5e-5")}),
-                 lr=None, steps=None,  # {"lora": .., "ff": ..} and {task: steps}, from the rule
+                 # fixed by the rule from the calib runs (results/conv/calib-sst2.md, applied 2026-11-29 before any
+                 # attacked run); CoLA's budget comes from its own calibration (rule 3)
+                 lr={"lora": "5e-4", "ff": "2e-5"}, steps={"sst2": 2500, "cola": None},
                  upa_rate=0.3, bpa_rates=(0.0015, 0.0045), bpa_rate=0.0045,  # the paper's lowest/highest BPA rates
                  ranks=(4, 64, 384), scales=(0.0001, 2.0),  # F3/F4 contrasts; rank 8 and k = 1/3 come from f12
                  rs_alpha="5.656854",  # rsLoRA alpha/sqrt(r) with alpha = 2 sqrt(8): rank 8's scale stays 16/8 = 2
