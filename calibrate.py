@@ -20,6 +20,7 @@ import ledger
 TOLERANCE = 0.01     # 1 point of accuracy
 PLATEAU_FROM = 3750  # the last quarter of the 5,000-step calibration runs
 SPACING = 250        # calibration runs evaluate every 250 steps
+CALIB_STEPS = 5000   # 80,000 samples at batch 16: the paper's budget, the cap of the rule
 
 
 def smoothed(curve, s):
@@ -55,12 +56,18 @@ def choose(curves):
                 plateaus={m: {r: plateau(c) for r, c in curves[m].items()} for m in curves})
 
 
+def is_calibration(run):
+    """A calibration run: clean, CALIB_STEPS long, with a curve (no protocol's grid uses that budget)."""
+    c = run["config"]
+    return c["attack"] == "none" and c["steps"] == CALIB_STEPS and len(run.get("curve", ())) > 1
+
+
 def calibration_curves(lines, task="sst2"):
     """{mode: {lr: curve}} from the results JSONL lines of the clean calibration runs (5,000 steps, clean)."""
     out = {}
     for r in lines:
         c = r["config"]
-        if c["task"] == task and c["attack"] == "none" and c["steps"] == 5000 and r.get("curve"):
+        if c["task"] == task and is_calibration(r):
             out.setdefault(c["mode"], {})[c["lr"]] = [(p["step"], p["acc"]) for p in r["curve"]]
     return out
 

@@ -269,7 +269,9 @@ def write_text(out_dir, name, text):
 
 
 def write_report(runs, out_dir):
-    """The whole report of `runs` into out_dir: table.md, findings.md, tables.md and the figures."""
+    """The whole report of `runs` into out_dir: table.md, findings.md, tables.md and the figures (the paper's layouts
+    leave out a protocol's calibration runs, which have their own calib-<task>.md/png)."""
+    all_runs, runs = runs, [r for r in runs if not calibrate.is_calibration(r)]
     groups = group_runs(runs)
     os.makedirs(out_dir, exist_ok=True)
     for name, text in (("table.md", markdown_table(groups)), ("findings.md", findings(runs))):
@@ -281,7 +283,7 @@ def write_report(runs, out_dir):
             draw(name, d, spec, os.path.join(out_dir, f"{name}.png"))
             print(f"wrote {os.path.join(out_dir, name + '.png')}")
     write_text(out_dir, "tables.md", numbers(pieces))
-    write_effects(runs, out_dir)
+    write_effects(all_runs, out_dir)
 
 
 def write_effects(runs, out_dir):
