@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -85,6 +86,16 @@ LOCKS = []  # held by a case's prep, closed after it
 def held(name):
     """Hold name/.lock as another live process would (a second open file description conflicts like one)."""
     return lambda d, paths: LOCKS.append(cli.own_folder(os.path.join(d, name)))
+
+def unfixed(protocol, task):
+    """The protocol's step budget for `task` not fixed yet, as before its calibration (undone after the case)."""
+    def prep(d, paths):
+        steps = sweep.PROTOCOLS[protocol]["steps"]
+        old = steps[task]
+        steps[task] = None
+        LOCKS.append(types.SimpleNamespace(close=lambda: steps.__setitem__(task, old)))
+    return prep
+
 
 CASES = [  # (id, command's main, argv, prep, words the one error line must contain)
     ("train --lr -1", train.main, T("--lr", "-1"), None, "--lr"),
@@ -164,7 +175,8 @@ CASES = [  # (id, command's main, argv, prep, words the one error line must cont
     ("sweep --limit 0", sweep.main, S("--limit", "0"), None, "--limit"),
     ("sweep --protocol unknown", sweep.main, S("--protocol", "nope"), None, "--protocol"),
     ("sweep paper without --model", sweep.main, ["fig1", "--protocol", "paper", "--print"], None, "--model"),
-    ("sweep a figure not ready", sweep.main, ["f12", "--protocol", "conv", "--print"], None, "not ready"),
+    ("sweep a figure not ready", sweep.main, ["cola", "--protocol", "conv", "--print"], unfixed("conv", "cola"),
+     "not ready"),
     ("sweep bad middle line", sweep.main, S("--print"), put("r.jsonl", f"{GOOD}\n{{oops\n{GOOD}\n"), "r.jsonl:2"),
     ("sweep --results a folder", sweep.main, S("--print", "--results", "d"), folder("d"), "is a folder"),
     ("sweep --runs-dir a file", sweep.main, S("--runs-dir", "afile"), put("afile"), "is a file"),
