@@ -16,7 +16,7 @@ direction:
     zoo each init minus the baseline (kaiming k = 1/3): no paper direction, so + is only "higher than baseline"
 """
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import runspec
 import stats
@@ -219,8 +219,13 @@ def draw_curves(runs, task, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    runs = [r for r in runs if r["config"]["task"] == task and len(r.get("curve", ())) > 1]
+    if not runs:
+        return False
+    main_context = Counter(context(r["config"]) for r in runs).most_common(1)[0][0]  # the grid's, not a stray run's
+    runs = [r for r in runs if context(r["config"]) == main_context]
     conds = sorted({(r["config"]["attack"], r["config"]["poison_rate"]) for r in runs
-                    if r["config"]["task"] == task and r.get("curve") and r["config"]["attack"] in ("upa", "bpa")})
+                    if r["config"]["attack"] in ("upa", "bpa")})
     if not conds:
         return False
     fig, axes = plt.subplots(len(conds), 3, figsize=(13, 3.2 * len(conds)), squeeze=False)
@@ -230,7 +235,7 @@ def draw_curves(runs, task, path):
                 pts = curves(runs, task, cond[0], cond[1], mode)
                 if not pts:
                     continue
-                x = [p[0] for p in pts]
+                x = [p[0] / 1000 for p in pts]
                 label = f"{mode} {'clean' if cond[0] == 'none' else attack} (n={pts[-1][-1]})"
                 _band(row[0], x, [p[2] for p in pts], [p[3] for p in pts], color, ls, label)
                 if attack == "bpa" and cond[0] == "bpa":
@@ -239,8 +244,8 @@ def draw_curves(runs, task, path):
         row[0].set_ylabel(f"{attack} {rate:g}: CACC (%)")
         row[1].set_ylabel("ASR (%)")
         row[2].set_ylabel("ASR (%)")
-        row[0].set_xlabel("samples seen")
-        row[1].set_xlabel("samples seen")
+        row[0].set_xlabel("samples seen (thousands)")
+        row[1].set_xlabel("samples seen (thousands)")
         row[2].set_xlabel("poisoned samples seen")
         for ax in row:
             ax.grid(alpha=0.3)

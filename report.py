@@ -283,12 +283,13 @@ def write_report(runs, out_dir):
             draw(name, d, spec, os.path.join(out_dir, f"{name}.png"))
             print(f"wrote {os.path.join(out_dir, name + '.png')}")
     write_text(out_dir, "tables.md", numbers(pieces))
-    write_effects(all_runs, out_dir)
+    write_effects(runs, out_dir)
+    write_calibration(all_runs, out_dir)
 
 
 def write_effects(runs, out_dir):
-    """effects.md (every finding as a paired effect with its 95% interval and verdict), the curves over training
-    and, where the runs hold a protocol's calibration, the rule's decision (calib-<task>.md/png)."""
+    """effects.md (every finding as a paired effect with its 95% interval and verdict) and the curves over training
+    (calibration runs left out: they repeat the clean settings at other rates and budgets)."""
     rows = effects.effects(runs)
     if rows:
         write_text(out_dir, "effects.md", EFFECTS_HEAD + effects.markdown(rows))
@@ -296,6 +297,11 @@ def write_effects(runs, out_dir):
     for task in sorted({r["config"]["task"] for r in runs if len(r.get("curve", ())) > 1}):
         if effects.draw_curves(runs, task, os.path.join(out_dir, f"curves-{task}.png")):
             print(f"wrote {os.path.join(out_dir, f'curves-{task}.png')}")
+
+
+def write_calibration(runs, out_dir):
+    """Where the runs hold a protocol's calibration: the rule's decision, calib-<task>.md and .png."""
+    for task in sorted({r["config"]["task"] for r in runs if calibrate.is_calibration(r)}):
         curves = calibrate.calibration_curves(runs, task)
         if set(curves) == {"lora", "ff"}:
             decision = calibrate.choose(curves)

@@ -87,3 +87,17 @@ def test_verdicts_table_cells():
     assert report.headline_cell(rows, "F2", "sst2", "BPA 1%", None) == "not run yet"
     table = report.verdicts({"cpu": rows})
     assert "| F1: UPA 0.3, LoRA's extra accuracy drop | UPA 0.3: +4.0" in table
+
+
+def test_curves_figure_ignores_runs_of_another_context(tmp_path):
+    rows = []
+    for s in range(2):
+        for cfg in (dict(), dict(attack="upa", poison_rate=0.3), dict(FF), dict(FF, attack="upa", poison_rate=0.3)):
+            r = run(s, 0.8, **cfg)
+            r["curve"] = [{"step": 10, "samples": 160, "poisoned_seen": 0, "acc": 0.7},
+                          {"step": 20, "samples": 320, "poisoned_seen": 0, "acc": 0.8}]
+            rows.append(r)
+    stray = run(0, 0.9, steps=5000, lr=1e-3)  # a calibration-like clean LoRA run: same seed, another context
+    stray["curve"] = rows[0]["curve"]
+    assert effects.draw_curves(rows + [stray], "sst2", str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").exists()
