@@ -203,15 +203,10 @@ def curves(runs, task, attack, rate, mode):
             continue
         a = [100 * p["acc"] for p in ps]
         s = [100 * p["asr"] for p in ps if "asr" in p]
-        ma, sa = _ms(a)
-        ms_, ss = _ms(s) if s else (math.nan, math.nan)
+        ma, sa = stats.mean_std(a)
+        ms_, ss = stats.mean_std(s) if s else (math.nan, math.nan)
         out.append((samples, sum(p["poisoned_seen"] for p in ps) / len(ps), ma, sa, ms_, ss, len(ps)))
     return out
-
-
-def _ms(v):
-    m = sum(v) / len(v)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
 
 
 def draw_curves(runs, task, path):

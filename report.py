@@ -19,6 +19,7 @@ import cli
 import effects
 import ledger
 import runspec
+import stats
 
 
 # -----------------------------------------------------------------------------
@@ -41,12 +42,7 @@ def group_runs(runs):
     return groups
 
 
-def mean_std(values):
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+mean_std = stats.mean_std
 
 
 # -----------------------------------------------------------------------------

@@ -27,6 +27,13 @@ def paired(a, b):
     return [x - y for x, y in zip(a, b)]
 
 
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
 def effect(diffs, paper_sign=1, delta=0.0, level=0.95):
     """Mean of the paired differences, its t-interval and the verdict, as a dict.
 

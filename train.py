@@ -80,10 +80,15 @@ def lr_at(step, args):
     return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
 
 
+def poisoned_in(step, n, args, bad):
+    """How many rows of the set `bad` the global batch of `step` draws."""
+    return sum(i in bad for i in global_batch(step, n, args.batch_size, args.seed))
+
+
 def poisoned_seen(upto, n, args, poisoned):
     """How many poisoned samples the global batches of steps 0..upto-1 drew (a row drawn twice counts twice)."""
     bad = set(poisoned)
-    return sum(i in bad for step in range(upto) for i in global_batch(step, n, args.batch_size, args.seed))
+    return sum(poisoned_in(step, n, args, bad) for step in range(upto))
 
 
 # -----------------------------------------------------------------------------
@@ -306,8 +311,7 @@ def train_step(run, step):
     if run.world > 1:
         dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
     run.losses.append(step_loss.item())
-    run.poisoned_seen += sum(i in run.poisoned_set for i in global_batch(step, len(run.train_set), args.batch_size,
-                                                                          args.seed))
+    run.poisoned_seen += poisoned_in(step, len(run.train_set), args, run.poisoned_set)
     run.step = step + 1
     run.updating = False
 
