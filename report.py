@@ -9,7 +9,6 @@ configuration repeated over seeds is one row however many machines' files were c
 function of the runs (or of their groups) that returns text or draws one figure; write_report puts them together.
 """
 import json
-import math
 import os
 from collections import defaultdict
 
