@@ -14,6 +14,9 @@ direction:
     F3  UPA: drop(rank lo) - drop(rank hi); BPA: ASR(hi) - ASR(lo)     the paper: higher rank, less UPA drop, more ASR
     F4  BPA: ASR(k hi) - ASR(k lo); UPA: drop(k lo) - drop(k hi)       Sec. 3.3: smaller Var(A), lower ASR, more drop
     zoo each init minus the baseline (kaiming k = 1/3): no paper direction, so + is only "higher than baseline"
+
+For the init zoo it also asks whether the NTK at initialisation (ntk_study.py inits) predicts the robustness each
+init shows after training: Spearman's rho across inits with its exact p-value and a bootstrap interval (stats.py).
 """
 import math
 from collections import Counter, defaultdict
@@ -171,6 +174,130 @@ def _zoo(group, task):
                 out.append(_row("zoo", task, f"{init}, BPA {100 * rate:g}%", ("net " if net else "") + "ASR init - baseline",
                                 _paired(arms, lambda s: asr(s["x"], net) - asr(s["b"], net)), +1, "asr"))
     return out
+
+
+# -----------------------------------------------------------------------------
+# the init zoo: does the NTK at initialisation predict the robustness an init shows after training?
+
+# Init-time quantities from `ntk_study.py inits` (per layer: q and v weights against A and B), each with the sign of
+# its correlation with backdoor ASR that the paper's argument predicts: a LoRA whose kernel is closer to FF's (larger,
+# better aligned, more information) should behave more like FF, i.e. learn the backdoor more and the flipped labels
+# less (Sec. 3.2-3.3).
+ZOO_PREDICTORS = (
+    ("1 - alignment with FF's NTK", lambda d: d["misalign"], -1),
+    ("kernel scale ‖K_LoRA‖/‖K_FF‖", lambda d: d["norm_ratio"], +1),
+    ("IB", lambda d: d["lora"]["ib"], +1),
+    ("H_1", lambda d: d["lora"]["h1"], +1),
+)
+# robustness after training, each with its sign relative to ASR's under that argument (clean CACC: no prediction)
+ZOO_TARGETS = (("clean CACC", 0), ("UPA drop", -1), ("ASR", +1), ("net ASR", +1))
+
+
+def zoo_measurements(runs, task="sst2"):
+    """({init or 'ff': {target: [per-seed value]}}, upa rate, bpa rate) of the rank-8 inits in the zoo grid's
+    context, with FF of that context as the reference; ({}, None, None) without at least 3 inits."""
+    runs = [r for r in runs if r["config"]["task"] == task]
+    zoo = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["init"] != "kaiming_uniform"]
+    if not zoo:
+        return {}, None, None
+    main = Counter(context(r["config"]) for r in zoo).most_common(1)[0][0]
+    group = [r for r in runs if context(r["config"]) == main]
+    upa, bpa = (max(_rates(zoo, a), default=None) for a in ("upa", "bpa"))
+    base = {k: v for k, v in BASELINE.items() if k != "init"}
+    inits = sorted({r["config"]["init"] for r in group if r["config"]["mode"] == "lora"}, key=lambda i: (i != "kaiming_uniform", i))
+    arms = {**{i: dict(base, init=i) for i in inits}, "ff": dict(mode="ff")}
+    out = {name: _robustness(group, want, upa, bpa) for name, want in arms.items()}
+    out = {k: v for k, v in out.items() if v["clean CACC"]}
+    return (out, upa, bpa) if len(set(out) - {"ff"}) >= 3 else ({}, None, None)
+
+
+def _robustness(group, want, upa, bpa):
+    clean, flipped = pick(group, **want, attack="none"), pick(group, **want, attack="upa", poison_rate=upa)
+    backdoor = pick(group, **want, attack="bpa", poison_rate=bpa)
+    return {"clean CACC": [acc(r) for _, r in sorted(clean.items())],
+            "UPA drop": [acc(clean[s]) - acc(flipped[s]) for s in sorted(set(clean) & set(flipped))],
+            "ASR": [asr(r) for _, r in sorted(backdoor.items())],
+            "net ASR": [asr(r, True) for _, r in sorted(backdoor.items()) if "asr_net" in r["metrics"]]}
+
+
+def zoo_predictors(theory_rows):
+    """{init: {predictor: [per-draw value]}} from ntk_study.py inits' rows (its 'layers' comparison)."""
+    out = defaultdict(lambda: defaultdict(list))
+    for row in theory_rows:
+        for label, get, _ in ZOO_PREDICTORS:
+            out[row["init"]][label].append(get(row["sets"]["layers"]))
+    return out
+
+
+def zoo_correlations(measured, predictors):
+    """One row per (target, predictor): Spearman's rho over the inits that have both (n), its exact permutation
+    p-value, a 95% bootstrap interval over seeds and draws, and the sign the paper's argument predicts."""
+    rows = []
+    for target, target_sign in ZOO_TARGETS:
+        for label, _, sign in ZOO_PREDICTORS:
+            inits = [i for i in measured if i != "ff" and i in predictors and measured[i][target]]
+            if len(inits) < 3:
+                continue
+            xs, ys = [predictors[i][label] for i in inits], [measured[i][target] for i in inits]
+            x, y = [sum(v) / len(v) for v in xs], [sum(v) / len(v) for v in ys]
+            rows.append(dict(target=target, predictor=label, n=len(inits), rho=stats.spearman(x, y),
+                             p=stats.spearman_p(x, y), ci=stats.spearman_interval(xs, ys),
+                             predicted=sign * target_sign, seeds=min(len(v) for v in ys)))
+    return rows
+
+
+def zoo_markdown(measured, correlations, rows, upa, bpa):
+    """The zoo's per-init table (mean ± sd over seeds, and each init minus the baseline as a paired effect) and the
+    correlations of the init-time NTK quantities with it."""
+    conds = {"clean CACC": ("", "clean CACC init - baseline"), "UPA drop": (f", UPA {upa:g}", "UPA drop init - baseline"),
+             "ASR": (f", BPA {100 * bpa:g}%", "ASR init - baseline"), "net ASR": (f", BPA {100 * bpa:g}%", "net ASR init - baseline")}
+    paired = {(r["condition"], r["what"]): r for r in rows if r["finding"] == "zoo"}
+    head = ["init"] + [f"{t} (%)" for t, _ in ZOO_TARGETS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for init, values in measured.items():
+        cells = [init + (" (baseline)" if init == "kaiming_uniform" else " (reference)" if init == "ff" else "")]
+        for target, _ in ZOO_TARGETS:
+            v = values[target]
+            cell = "%.1f ± %.1f (n=%d)" % (*stats.mean_std(v), len(v)) if v else "-"
+            e = paired.get((init + conds[target][0], conds[target][1]))
+            cells.append(cell + (f"; {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}]" if e else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| robustness | init-time quantity | predicted sign | rho | n inits | exact p | 95% bootstrap interval |",
+              "|---|---|---|---|---|---|---|"]
+    for c in correlations:
+        sign = {1: "+", -1: "-", 0: "none"}[c["predicted"]]
+        lines.append(f"| {c['target']} | {c['predictor']} | {sign} | {c['rho']:+.2f} | {c['n']} | {c['p']:.3f} | "
+                     f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] |")
+    return "\n".join(lines)
+
+
+def draw_zoo(measured, predictors, path):
+    """Each robustness measure against each init-time quantity, one point per init (error bars: sd over seeds and
+    draws), FF's value as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    inits = [i for i in measured if i != "ff" and i in predictors]
+    fig, axes = plt.subplots(len(ZOO_TARGETS), len(ZOO_PREDICTORS), figsize=(3.3 * len(ZOO_PREDICTORS),
+                             2.6 * len(ZOO_TARGETS)), squeeze=False)
+    for (target, _), row in zip(ZOO_TARGETS, axes):
+        for (label, _, _), ax in zip(ZOO_PREDICTORS, row):
+            for k, init in enumerate(inits):
+                x, y = predictors[init][label], measured[init][target]
+                if not y:
+                    continue
+                (mx, sx), (my, sy) = stats.mean_std(x), stats.mean_std(y)
+                ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", color=f"C{k}", label=init, capsize=2)
+            if measured.get("ff", {}).get(target):
+                ax.axhline(stats.mean_std(measured["ff"][target])[0], color="k", ls="--", lw=0.8, label="FF")
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel(f"{target} (%)", fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("init zoo: robustness after training against the NTK at initialisation (mean ± sd)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------

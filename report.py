@@ -20,6 +20,8 @@ import ledger
 import runspec
 import stats
 
+THEORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "theory")
+
 
 # -----------------------------------------------------------------------------
 # runs -> groups over seeds
@@ -165,23 +167,6 @@ def draw(name, data_, spec, path):
 # -----------------------------------------------------------------------------
 # statistics and the findings
 
-def spearman(x, y):
-    """Spearman's rank correlation (average ranks for ties) = Pearson correlation of the ranks; nan if constant."""
-    import numpy as np
-
-    def ranks(v):
-        v = np.asarray(v, dtype=float)
-        r = np.empty(len(v))
-        r[v.argsort(kind="mergesort")] = np.arange(1, len(v) + 1)
-        for value in np.unique(v):  # ties share the mean of their ranks
-            r[v == value] = r[v == value].mean()
-        return r
-    if len(x) != len(y) or len(x) < 3:
-        raise ValueError(f"spearman needs two equal-length samples of at least 3 (got {len(x)}, {len(y)})")
-    rx, ry = ranks(x), ranks(y)
-    return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
-
-
 def pairs(runs, attack):
     """(clean run, attacked run) pairs whose configs differ only in attack and rate (same seed, same everything)."""
     strip = lambda c: runspec.run_key(c, without=("attack", "poison_rate"))
@@ -235,10 +220,10 @@ def findings(runs):
                 if len({x for x, _ in xy}) >= 3:
                     # within one seed only the swept value changes (same data order and poison; in the k sweep, the same A up to scale)
                     per_seed = {sd: [p[2:] for p in pts if p[:2] == (rate, sd)] for sd in sorted({p[1] for p in pts})}
-                    within = ", ".join(f"seed {sd} {spearman(*zip(*v)):+.2f}" for sd, v in per_seed.items()
+                    within = ", ".join(f"seed {sd} {stats.spearman(*zip(*v)):+.2f}" for sd, v in per_seed.items()
                                        if len({x for x, _ in v}) >= 3)
                     out.append(f"{name}: Spearman of {key} with {what} at rate {rate:g}: "
-                               f"{spearman(*zip(*xy)):+.2f} (n={len(xy)} runs, {len({x for x, _ in xy})} values); "
+                               f"{stats.spearman(*zip(*xy)):+.2f} (n={len(xy)} runs, {len({x for x, _ in xy})} values); "
                                f"within seeds: {within}")
     return "\n".join(out)
 
@@ -289,9 +274,36 @@ def write_effects(runs, out_dir):
     if rows:
         write_text(out_dir, "effects.md", EFFECTS_HEAD + effects.markdown(rows))
         print(f"wrote {os.path.join(out_dir, 'effects.md')}")
+    write_zoo(runs, rows, out_dir)
     for task in sorted({r["config"]["task"] for r in runs if len(r.get("curve", ())) > 1}):
         if effects.draw_curves(runs, task, os.path.join(out_dir, f"curves-{task}.png")):
             print(f"wrote {os.path.join(out_dir, f'curves-{task}.png')}")
+
+
+def write_zoo(runs, rows, out_dir, inits_json=os.path.join(THEORY, "inits.json")):
+    """Where the runs hold the init zoo (3+ inits) and ntk_study.py inits has run: zoo.md and zoo.png."""
+    measured, upa, bpa = effects.zoo_measurements(runs)
+    if not measured or not os.path.isfile(inits_json):
+        return
+    with open(inits_json) as f:
+        predictors = effects.zoo_predictors(json.load(f)["rows"])
+    text = effects.zoo_markdown(measured, effects.zoo_correlations(measured, predictors), rows, upa, bpa)
+    write_text(out_dir, "zoo.md", ZOO_HEAD + text)
+    effects.draw_zoo(measured, predictors, os.path.join(out_dir, "zoo.png"))
+    print(f"wrote {os.path.join(out_dir, 'zoo.md')} and zoo.png")
+
+
+ZOO_HEAD = """# The init zoo: robustness after training, and whether the NTK at initialisation predicts it
+
+First table: mean ± sd over seeds (n), then each init minus the kaiming baseline as a per-seed paired effect with
+its 95% t-interval (points). UPA drop = clean CACC - CACC under UPA, paired by seed. Second table: Spearman's rho
+across the inits (seed means against the init-time quantities of `results/theory/inits.md`, means over draws), its
+exact two-sided permutation p-value, a 95% percentile bootstrap interval that resamples seeds and draws within
+each init (the measurement noise; it says nothing about the choice of inits), and the sign the paper's argument
+predicts (a kernel closer to FF's: more like FF, so a higher ASR and a smaller UPA drop). With 7 inits, p < 0.05 needs
+|rho| >= 0.79 (0.75 gives p = 0.066).
+
+"""
 
 
 def write_calibration(runs, out_dir):

@@ -21,6 +21,7 @@ import ledger
 import ntk
 import report as R
 import runspec
+import stats
 import sweep
 
 
@@ -113,7 +114,7 @@ def report(runs, spectra, path, upa_rate, bpa_rates):
                                         for a, b in R.pairs(runs, "bpa") if b["config"]["poison_rate"] == rate}
 
     def rho(pts):
-        return f"{R.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})"
+        return f"{stats.spearman(*zip(*pts)):+.2f} ({len(pts)})" if len(pts) >= 3 else f"- ({len(pts)})"
 
     def cell_means(pts):  # (setting, x, y) -> one (mean x, mean y) per setting
         cells = defaultdict(list)

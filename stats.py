@@ -1,10 +1,12 @@
 """
 The statistics behind every verdict in results/REPORT.md: per-seed paired differences, their 95% t-interval, the
-four verdict kinds, and how many seeds an effect would need.
+four verdict kinds, and how many seeds an effect would need; and the rank correlations behind "does X predict
+robustness" (Spearman's rho, its permutation p-value, a bootstrap interval over measurement noise).
 
     d = paired([0.91, 0.88, 0.90], [0.85, 0.86, 0.84])      # per-seed differences a_i - b_i
     e = effect(d, paper_sign=+1, delta=0.02)                 # mean, 95% CI, n, verdict
     seeds_needed(effect_size=0.05, sd=0.04)                  # seeds for 80% power at that noise
+    spearman(x, y), spearman_p(x, y)                         # rho and its two-sided permutation p-value
 
 Verdicts (defined once, here and in REPORT.md), with the interval oriented so that + is the paper's direction:
     replicated    the interval excludes 0 on the paper's side
@@ -75,6 +77,79 @@ def seeds_needed(effect_size, sd, power=0.8, level=0.95, most=1000):
         if (t_quantile(0.5 + level / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n) <= abs(effect_size):
             return n
     return None
+
+
+# -----------------------------------------------------------------------------
+# rank correlation: Spearman's rho, its exact permutation p-value, and a bootstrap interval over measurement noise
+
+def ranks(values):
+    """1-based ranks of values; tied values share the mean of their ranks."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    r = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: the Pearson correlation of the ranks (average ranks for ties); nan if either
+    sample is constant."""
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"spearman needs two equal-length samples of at least 3 (got {len(x)}, {len(y)})")
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return float("nan") if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def spearman_p(x, y, exact_up_to=8, draws=20000, seed=0):
+    """Two-sided permutation p-value of Spearman's rho under 'no association': the share of orderings of y whose
+    |rho| is at least the observed one. Exact (all n! orderings) for n <= exact_up_to, else `draws` seeded random
+    orderings (the observed one counted, so p >= 1/(draws + 1))."""
+    import itertools
+    import random
+    observed = abs(spearman(x, y))
+    if math.isnan(observed):
+        return float("nan")
+    hit = lambda perm: abs(spearman(x, perm)) >= observed - 1e-12
+    if len(x) <= exact_up_to:
+        perms = list(itertools.permutations(y))
+        return sum(hit(p) for p in perms) / len(perms)
+    rng, y = random.Random(seed), list(y)
+    count = 1
+    for _ in range(draws):
+        rng.shuffle(y)
+        count += hit(y)
+    return count / (draws + 1)
+
+
+def spearman_interval(xs, ys, reps=2000, level=0.95, seed=0):
+    """Percentile bootstrap interval of Spearman's rho over units (e.g. inits) whose x and y are each a mean of
+    repeated measurements (draws, seeds): xs[i] and ys[i] are unit i's measurements, resampled with replacement
+    within the unit. It states how much the measurement noise moves rho; it says nothing about which units were
+    chosen (the permutation p-value is about that). Replicates with a constant side are left out."""
+    import random
+    if len(xs) != len(ys) or len(xs) < 3 or not all(xs) or not all(ys):
+        raise ValueError("spearman_interval needs at least 3 units, each with at least one x and one y measurement")
+    rng = random.Random(seed)
+    mean_of_resample = lambda v: sum(rng.choice(v) for _ in v) / len(v)
+    rhos = []
+    for _ in range(reps):
+        rho = spearman([mean_of_resample(v) for v in xs], [mean_of_resample(v) for v in ys])
+        if not math.isnan(rho):
+            rhos.append(rho)
+    if not rhos:
+        return float("nan"), float("nan")
+    rhos.sort()
+    at = lambda q: rhos[min(len(rhos) - 1, max(0, round(q * (len(rhos) - 1))))]
+    return at((1 - level) / 2), at((1 + level) / 2)
 
 
 # -----------------------------------------------------------------------------

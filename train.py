@@ -22,6 +22,7 @@ exit code 2. An error or Ctrl-C during training keeps a checkpoint of the last w
 """
 import argparse
 import functools
+import gc
 import json
 import os
 import platform
@@ -456,12 +457,17 @@ def main(argv=None):
         runspec.validate(args, int(os.environ.get("WORLD_SIZE", 1)))
         check_out(args)
     rank, world, device = setup_distributed()
+    run = None
     try:
         with cli.usage_errors(quiet=rank != 0):  # DataError, CheckpointError, LoRA/attack ranges, --out in use
             run = setup(args, rank, world, device)
         return train(run)
     finally:
         if world > 1:
+            # DDP holds the process group and sits in reference cycles; left to the interpreter's exit, gloo's
+            # threads can outlive it and abort the process ("terminate called without an active exception")
+            del run
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -101,3 +101,65 @@ def test_curves_figure_ignores_runs_of_another_context(tmp_path):
     stray["curve"] = rows[0]["curve"]
     assert effects.draw_curves(rows + [stray], "sst2", str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").exists()
+
+
+# -----------------------------------------------------------------------------
+# the init zoo
+
+ZOO = {  # init: (clean acc, UPA acc, BPA ASR) for seed 0; seed 1 adds 0.01 to the accuracies and 0.1 to the ASR
+    "kaiming_uniform": (0.86, 0.83, 0.30), "gaussian": (0.85, 0.80, 0.40),
+    "pissa": (0.87, 0.86, 0.60), "olora": (0.88, 0.86, 0.70),
+}
+
+
+def zoo_runs():
+    rows = []
+    for s in range(2):
+        for init, (c, u, b) in ZOO.items():
+            rows += [run(s, c + s / 100, init=init), run(s, u + s / 100, init=init, attack="upa", poison_rate=0.3),
+                     run(s, 0.8, asr=b + s / 10, asr_net=b, init=init, attack="bpa", poison_rate=0.0045)]
+        rows += [run(s, 0.9, **FF), run(s, 0.85, attack="upa", poison_rate=0.3, **FF),
+                 run(s, 0.9, asr=1.0, asr_net=1.0, attack="bpa", poison_rate=0.0045, **FF)]
+    return rows
+
+
+def theory_rows(misalign):
+    """ntk_study.py inits' row shape: two draws per init, the second 0.001 above the first."""
+    return [{"init": i, "seed": d, "sets": {"layers": {"misalign": m + d / 1000, "norm_ratio": m, "lora": {"ib": -m, "h1": m}}}}
+            for i, m in misalign.items() for d in range(2)]
+
+
+def test_zoo_measurements_by_hand():
+    measured, upa, bpa = effects.zoo_measurements(zoo_runs())
+    assert (upa, bpa) == (0.3, 0.0045)
+    assert list(measured) == ["kaiming_uniform", "gaussian", "olora", "pissa", "ff"]  # baseline first, FF last
+    assert measured["gaussian"]["UPA drop"] == pytest.approx([5.0, 5.0])
+    assert measured["pissa"]["ASR"] == pytest.approx([60.0, 70.0]) and measured["pissa"]["net ASR"] == pytest.approx([60.0, 60.0])
+    assert measured["ff"]["clean CACC"] == pytest.approx([90.0, 90.0])
+    assert effects.zoo_measurements([r for r in zoo_runs() if r["config"]["init"] in ("kaiming_uniform", "gaussian")])[0] == {}
+
+
+def test_zoo_correlations_by_hand():
+    measured, upa, bpa = effects.zoo_measurements(zoo_runs())
+    # misalign ranks kaiming < gaussian < pissa < olora; mean ASR 35, 45, 65, 75: the same order, rho = +1
+    predictors = effects.zoo_predictors(theory_rows({"kaiming_uniform": 0.01, "gaussian": 0.02, "pissa": 0.07, "olora": 0.09}))
+    rows = {(c["target"], c["predictor"]): c for c in effects.zoo_correlations(measured, predictors)}
+    c = rows[("ASR", "1 - alignment with FF's NTK")]
+    assert c["rho"] == pytest.approx(1.0) and c["n"] == 4 and c["seeds"] == 2
+    assert c["p"] == pytest.approx(2 / 24)  # exact: 2 of the 4! orderings reach |rho| = 1
+    assert c["predicted"] == -1  # the paper: further from FF's kernel, lower ASR
+    assert rows[("UPA drop", "IB")]["predicted"] == -1 and rows[("clean CACC", "IB")]["predicted"] == 0
+    # UPA drop 3, 5, 1, 2 against misalign ranks 1, 2, 3, 4: rho = Pearson of (3, 4, 1, 2) with (1, 2, 3, 4) = -0.6
+    assert rows[("UPA drop", "1 - alignment with FF's NTK")]["rho"] == pytest.approx(-0.6)
+
+
+def test_zoo_markdown_and_figure(tmp_path):
+    runs = zoo_runs()
+    measured, upa, bpa = effects.zoo_measurements(runs)
+    predictors = effects.zoo_predictors(theory_rows({"kaiming_uniform": 0.01, "gaussian": 0.02, "pissa": 0.07, "olora": 0.09}))
+    text = effects.zoo_markdown(measured, effects.zoo_correlations(measured, predictors), effects.effects(runs), upa, bpa)
+    (pissa,) = [line for line in text.splitlines() if line.startswith("| pissa")]
+    assert "65.0 ± 7.1 (n=2); +30.0 [+30.0, +30.0]" in pissa  # ASR 60, 70 against the baseline's 30, 40
+    assert "| ff (reference) |" in text
+    effects.draw_zoo(measured, predictors, str(tmp_path / "zoo.png"))
+    assert (tmp_path / "zoo.png").stat().st_size > 10_000

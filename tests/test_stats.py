@@ -66,3 +66,86 @@ def test_bad_inputs():
         stats.effect([1, 2], paper_sign=0)
     with pytest.raises(ValueError, match="standard deviation"):
         stats.seeds_needed(1.0, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# rank correlation
+
+def test_spearman_closed_form_without_ties():
+    # rho = 1 - 6 sum d^2 / (n (n^2 - 1)); d = (-1, 1, -1, 1, 0) -> 1 - 24/120
+    assert stats.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert stats.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+
+
+def test_spearman_with_ties_uses_average_ranks():
+    # ranks x = (1, 2.5, 2.5, 4), y = (1, 2, 3, 4): Pearson = 4.5 / sqrt(4.5 * 5)
+    assert stats.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert math.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError):
+        stats.spearman([1, 2], [1, 2])
+
+
+def test_spearman_against_scipy_with_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    import random
+    rng = random.Random(3)
+    for n in (3, 5, 9, 20):
+        x = [rng.choice([0.1, 0.2, 0.3, 0.4, 0.5]) for _ in range(n)]
+        y = [rng.gauss(0, 1) for _ in range(n)]
+        if len(set(x)) > 1:
+            assert stats.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y)[0], abs=1e-12)
+
+
+def test_spearman_p_closed_form_n3():
+    # n = 3: rho takes 1 (1 ordering), 0.5 (2), -0.5 (2), -1 (1); |rho| >= 1 in 2 of the 6 orderings
+    assert stats.spearman_p([1, 2, 3], [1, 2, 3]) == pytest.approx(2 / 6)
+    assert stats.spearman_p([1, 2, 3], [2, 1, 3]) == pytest.approx(1.0)  # |rho| = 0.5: all but none excluded
+
+
+def test_spearman_p_against_scipy_exact_permutation_test():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    import random
+    rng = random.Random(5)
+    rho = lambda y, x: scipy_stats.spearmanr(x, y)[0]
+    for n in (5, 7):
+        x = [rng.gauss(0, 1) for _ in range(n)]
+        y = [xi + rng.gauss(0, 0.8) for xi in x]
+        ref = scipy_stats.permutation_test((y,), lambda y: rho(y, x), permutation_type="pairings",
+                                           n_resamples=math.inf, alternative="two-sided")
+        # scipy's two-sided p doubles the smaller tail; for rho's symmetric null that equals P(|rho*| >= |rho|)
+        assert stats.spearman_p(x, y) == pytest.approx(ref.pvalue, abs=1e-9)
+
+
+def test_spearman_p_monte_carlo_near_exact():
+    x = list(range(9))
+    y = [0, 2, 1, 4, 3, 6, 5, 8, 7]
+    exact = stats.spearman_p(x, y, exact_up_to=9)
+    assert stats.spearman_p(x, y, draws=20000) == pytest.approx(exact, abs=0.003)
+
+
+def test_spearman_interval_collapses_without_noise():
+    xs = [[1.0, 1.0], [2.0], [3.0, 3.0, 3.0], [4.0]]
+    ys = [[0.3, 0.3], [0.1, 0.1], [0.2], [0.9, 0.9]]
+    rho = stats.spearman([1, 2, 3, 4], [0.3, 0.1, 0.2, 0.9])
+    assert stats.spearman_interval(xs, ys, reps=200) == (pytest.approx(rho), pytest.approx(rho))
+
+
+def test_spearman_interval_matches_enumerated_bootstrap():
+    # oracle: with 3 units of two y-measurements each, a resample's mean is a, b or (a + b) / 2 with probabilities
+    # 1/4, 1/4, 1/2; enumerating the 3^3 outcomes gives rho's exact bootstrap distribution
+    import itertools
+    xs = [[1.0], [2.0], [3.0]]
+    ys = [[0.0, 2.5], [1.0, 1.2], [0.5, 3.0]]
+    dist = []
+    for pick in itertools.product(*[[(v[0], 0.25), (v[1], 0.25), ((v[0] + v[1]) / 2, 0.5)] for v in ys]):
+        rho = stats.spearman([1, 2, 3], [p[0] for p in pick])
+        dist.append((rho, math.prod(p[1] for p in pick)))
+    cdf = lambda t: sum(w for r, w in dist if r <= t + 1e-12)
+    lo, hi = stats.spearman_interval(xs, ys, reps=4000, seed=1)
+    assert cdf(lo - 1e-9) <= 0.025 + 0.01 and cdf(lo) >= 0.025 - 0.01  # lo is the exact 2.5% quantile
+    assert cdf(hi - 1e-9) <= 0.975 + 0.01 and cdf(hi) >= 0.975 - 0.01
+
+
+def test_spearman_interval_refuses_empty_units():
+    with pytest.raises(ValueError):
+        stats.spearman_interval([[1.0], [2.0], []], [[1.0], [2.0], [3.0]])

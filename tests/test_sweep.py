@@ -1,4 +1,4 @@
-"""sweep.py (grids, resumability, keys) and spectrum.py's statistics."""
+"""sweep.py (grids, resumability, keys)."""
 import json
 import math
 
@@ -7,20 +7,6 @@ import pytest
 import report
 import runspec
 import sweep
-
-
-def test_spearman_closed_form_without_ties():
-    # rho = 1 - 6 sum d^2 / (n (n^2 - 1)); d = (-1, 1, -1, 1, 0) -> 1 - 24/120
-    assert report.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
-    assert report.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
-
-
-def test_spearman_with_ties_uses_average_ranks():
-    # ranks x = (1, 2.5, 2.5, 4), y = (1, 2, 3, 4): Pearson = 4.5 / sqrt(4.5 * 5)
-    assert report.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
-    assert math.isnan(report.spearman([1, 1, 1], [1, 2, 3]))
-    with pytest.raises(ValueError):
-        report.spearman([1, 2], [1, 2])
 
 
 def test_grids_have_the_paper_shape():
