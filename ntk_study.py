@@ -332,7 +332,7 @@ def runs(args):
     pairs = []
     for lo in (x for x in measured if x["config"]["mode"] == "lora"):
         for ff in (x for x in measured if x["config"]["mode"] == "ff"):
-            same = all(lo["config"][k] == ff["config"][k] for k in ("task", "seed", "max_len")) \
+            same = all(lo["config"][k] == ff["config"][k] for k in ("task", "seed", "max_len", "steps", "batch_size")) \
                 and lo["seed"] == ff["seed"] and lo["config"]["targets"] == TARGETS
             if same:
                 pairs.append({"lora": lo["run"], "ff": ff["run"], "seed": lo["seed"], "sets": compare(lo["m"], ff["m"])})
@@ -541,8 +541,8 @@ def runs_markdown(res):
     st = res["setup"]
     out = ["# Theorem 3.6 after clean training", "",
            f"`{st['command']}`; N = {st['n']} SST-2 train "
-           f"sentences per draw, draws {st['seeds']}. Runs found: {len(res['runs'])}. Each run at its own learning "
-           "rate and budget; after training the support (eigenvalues above ntk's tolerance) falls below N because "
+           f"sentences per draw, draws {st['seeds']}. Runs found: {len(res['runs'])}. A LoRA run is paired with "
+           "each FF run of the same task, seed, budget and batch size, each mode at its own learning rate; after training the support (eigenvalues above ntk's tolerance) falls below N because "
            "a fitted sample's dCE/dlogits is ~1e-3 and its eigenvalue ~1e-6 lambda_max, under ntk's float32 cut, "
            "so IB sums different numbers of log-terms: the pair tables also compare IB over the common top-t "
            "eigenvalues and IB with float64's tolerance.", ""]

@@ -235,10 +235,10 @@ def test_runs_cli_pairs_a_lora_and_an_ff_run(tiny_setup, tmp_path):
     flags = dict(model=folder, data_dir=glue, task="sst2", max_len=12, seed=0, attack="none", rank=2, alpha=4.0,
                  targets="qv", init="kaiming_uniform", init_scale=1 / 3, lora_dropout=0.0, rslora=False,
                  freeze_a=False)
-    for mode in ("lora", "ff"):
-        d = tmp_path / "runs" / mode
+    for name, mode, steps in (("lora", "lora", 300), ("ff", "ff", 300), ("ff-longer", "ff", 600)):
+        d = tmp_path / "runs" / name
         d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({"run": {**flags, "mode": mode}}))
+        (d / "config.json").write_text(json.dumps({"run": {**flags, "mode": mode, "steps": steps}}))
         torch.manual_seed(0)
         net = M.from_pretrained(folder, num_labels=2, verbose=False)
         if mode == "lora":
@@ -250,7 +250,9 @@ def test_runs_cli_pairs_a_lora_and_an_ff_run(tiny_setup, tmp_path):
     (tmp_path / "runs" / "unfinished" / "config.json").write_text("{}")  # no weights: not found
     cli(tiny_setup, tmp_path, "runs", str(tmp_path / "runs"))
     res = json.loads((tmp_path / "runs.json").read_text())
-    assert len(res["runs"]) == 2 and len(res["alone"]) == 2 * 2 and len(res["rows"]) == 2
+    # the FF run with another budget is measured but not paired: a pair shares task, seed, budget and batch
+    assert len(res["runs"]) == 3 and len(res["alone"]) == 3 * 2 and len(res["rows"]) == 2
+    assert {os.path.basename(r["ff"]) for r in res["rows"]} == {"ff"}
     assert "LoRA vs FF, layers" in (tmp_path / "runs.md").read_text()
 
 
