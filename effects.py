@@ -189,35 +189,49 @@ ZOO_PREDICTORS = (
     ("IB", lambda d: d["lora"]["ib"], +1),
     ("H_1", lambda d: d["lora"]["h1"], +1),
 )
-# robustness after training, each with its sign relative to ASR's under that argument (clean CACC: no prediction)
-ZOO_TARGETS = (("clean CACC", 0), ("UPA drop", -1), ("ASR", +1), ("net ASR", +1))
+def zoo_targets(upa, bpa_rates):
+    """The robustness measures, each a dict: label, sign (relative to ASR's under the paper's argument; clean CACC
+    has none), what it measures (kind, rate, net) and the (condition, what) of its paired row from _zoo."""
+    out = [dict(label="clean CACC", sign=0, kind="cacc", paired=("", "clean CACC init - baseline"))]
+    if upa is not None:
+        out.append(dict(label="UPA drop", sign=-1, kind="drop", rate=upa, paired=(f", UPA {upa:g}", "UPA drop init - baseline")))
+    for rate in bpa_rates:
+        for net in (False, True):
+            what = ("net " if net else "") + "ASR"
+            out.append(dict(label=f"{what} {100 * rate:g}%", sign=+1, kind="asr", rate=rate, net=net,
+                            paired=(f", BPA {100 * rate:g}%", f"{what} init - baseline")))
+    return out
 
 
 def zoo_measurements(runs, task="sst2"):
-    """({init or 'ff': {target: [per-seed value]}}, upa rate, bpa rate) of the rank-8 inits in the zoo grid's
-    context, with FF of that context as the reference; ({}, None, None) without at least 3 inits."""
+    """({init or 'ff': {target label: [per-seed value]}}, targets) of the rank-8 inits in the zoo grid's context,
+    with FF of that context as the reference; ({}, []) without at least 3 inits. Every BPA rate the zoo ran is a
+    target, highest first."""
     runs = [r for r in runs if r["config"]["task"] == task]
     zoo = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["init"] != "kaiming_uniform"]
     if not zoo:
-        return {}, None, None
+        return {}, []
     main = Counter(context(r["config"]) for r in zoo).most_common(1)[0][0]
     group = [r for r in runs if context(r["config"]) == main]
-    upa, bpa = (max(_rates(zoo, a), default=None) for a in ("upa", "bpa"))
+    targets = zoo_targets(max(_rates(zoo, "upa"), default=None), sorted(_rates(zoo, "bpa"), reverse=True))
     base = {k: v for k, v in BASELINE.items() if k != "init"}
     inits = sorted({r["config"]["init"] for r in group if r["config"]["mode"] == "lora"}, key=lambda i: (i != "kaiming_uniform", i))
     arms = {**{i: dict(base, init=i) for i in inits}, "ff": dict(mode="ff")}
-    out = {name: _robustness(group, want, upa, bpa) for name, want in arms.items()}
+    out = {name: {t["label"]: _robustness(group, want, t) for t in targets} for name, want in arms.items()}
     out = {k: v for k, v in out.items() if v["clean CACC"]}
-    return (out, upa, bpa) if len(set(out) - {"ff"}) >= 3 else ({}, None, None)
+    return (out, targets) if len(set(out) - {"ff"}) >= 3 else ({}, [])
 
 
-def _robustness(group, want, upa, bpa):
-    clean, flipped = pick(group, **want, attack="none"), pick(group, **want, attack="upa", poison_rate=upa)
-    backdoor = pick(group, **want, attack="bpa", poison_rate=bpa)
-    return {"clean CACC": [acc(r) for _, r in sorted(clean.items())],
-            "UPA drop": [acc(clean[s]) - acc(flipped[s]) for s in sorted(set(clean) & set(flipped))],
-            "ASR": [asr(r) for _, r in sorted(backdoor.items())],
-            "net ASR": [asr(r, True) for _, r in sorted(backdoor.items()) if "asr_net" in r["metrics"]]}
+def _robustness(group, want, target):
+    """Per-seed values of one target for the runs of one arm."""
+    clean = pick(group, **want, attack="none")
+    if target["kind"] == "cacc":
+        return [acc(r) for _, r in sorted(clean.items())]
+    if target["kind"] == "drop":
+        flipped = pick(group, **want, attack="upa", poison_rate=target["rate"])
+        return [acc(clean[s]) - acc(flipped[s]) for s in sorted(set(clean) & set(flipped))]
+    backdoor = pick(group, **want, attack="bpa", poison_rate=target["rate"])
+    return [asr(r, target["net"]) for _, r in sorted(backdoor.items()) if not target["net"] or "asr_net" in r["metrics"]]
 
 
 def zoo_predictors(theory_rows):
@@ -229,38 +243,36 @@ def zoo_predictors(theory_rows):
     return out
 
 
-def zoo_correlations(measured, predictors):
+def zoo_correlations(measured, targets, predictors):
     """One row per (target, predictor): Spearman's rho over the inits that have both (n), its exact permutation
     p-value, a 95% bootstrap interval over seeds and draws, and the sign the paper's argument predicts."""
     rows = []
-    for target, target_sign in ZOO_TARGETS:
+    for t in targets:
         for label, _, sign in ZOO_PREDICTORS:
-            inits = [i for i in measured if i != "ff" and i in predictors and measured[i][target]]
+            inits = [i for i in measured if i != "ff" and i in predictors and measured[i][t["label"]]]
             if len(inits) < 3:
                 continue
-            xs, ys = [predictors[i][label] for i in inits], [measured[i][target] for i in inits]
+            xs, ys = [predictors[i][label] for i in inits], [measured[i][t["label"]] for i in inits]
             x, y = [sum(v) / len(v) for v in xs], [sum(v) / len(v) for v in ys]
-            rows.append(dict(target=target, predictor=label, n=len(inits), rho=stats.spearman(x, y),
+            rows.append(dict(target=t["label"], predictor=label, n=len(inits), rho=stats.spearman(x, y),
                              p=stats.spearman_p(x, y), ci=stats.spearman_interval(xs, ys),
-                             predicted=sign * target_sign, seeds=min(len(v) for v in ys)))
+                             predicted=sign * t["sign"], seeds=min(len(v) for v in ys)))
     return rows
 
 
-def zoo_markdown(measured, correlations, rows, upa, bpa):
+def zoo_markdown(measured, targets, correlations, rows):
     """The zoo's per-init table (mean ± sd over seeds, and each init minus the baseline as a paired effect) and the
     correlations of the init-time NTK quantities with it."""
-    conds = {"clean CACC": ("", "clean CACC init - baseline"), "UPA drop": (f", UPA {upa:g}", "UPA drop init - baseline"),
-             "ASR": (f", BPA {100 * bpa:g}%", "ASR init - baseline"), "net ASR": (f", BPA {100 * bpa:g}%", "net ASR init - baseline")}
     paired = {(r["condition"], r["what"]): r for r in rows if r["finding"] == "zoo"}
-    head = ["init"] + [f"{t} (%)" for t, _ in ZOO_TARGETS]
+    head = ["init"] + [f"{t['label']} (%)" for t in targets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for init, values in measured.items():
         cells = [init + (" (baseline)" if init == "kaiming_uniform" else " (reference)" if init == "ff" else "")]
-        for target, _ in ZOO_TARGETS:
-            v = values[target]
-            cell = "%.1f ± %.1f (n=%d)" % (*stats.mean_std(v), len(v)) if v else "-"
-            e = paired.get((init + conds[target][0], conds[target][1]))
-            cells.append(cell + (f"; {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}]" if e else ""))
+        for t in targets:
+            v = values[t["label"]]
+            e = paired.get((init + t["paired"][0], t["paired"][1]))
+            cells.append(("%.1f ± %.1f (n=%d)" % (*stats.mean_std(v), len(v)) if v else "-")
+                         + (f"; {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}]" if e else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| robustness | init-time quantity | predicted sign | rho | n inits | exact p | 95% bootstrap interval |",
               "|---|---|---|---|---|---|---|"]
@@ -271,16 +283,16 @@ def zoo_markdown(measured, correlations, rows, upa, bpa):
     return "\n".join(lines)
 
 
-def draw_zoo(measured, predictors, path):
+def draw_zoo(measured, targets, predictors, path):
     """Each robustness measure against each init-time quantity, one point per init (error bars: sd over seeds and
     draws), FF's value as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     inits = [i for i in measured if i != "ff" and i in predictors]
-    fig, axes = plt.subplots(len(ZOO_TARGETS), len(ZOO_PREDICTORS), figsize=(3.3 * len(ZOO_PREDICTORS),
-                             2.6 * len(ZOO_TARGETS)), squeeze=False)
-    for (target, _), row in zip(ZOO_TARGETS, axes):
+    fig, axes = plt.subplots(len(targets), len(ZOO_PREDICTORS), figsize=(3.3 * len(ZOO_PREDICTORS),
+                             2.6 * len(targets)), squeeze=False)
+    for target, row in zip((t["label"] for t in targets), axes):
         for (label, _, _), ax in zip(ZOO_PREDICTORS, row):
             for k, init in enumerate(inits):
                 x, y = predictors[init][label], measured[init][target]

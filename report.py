@@ -282,14 +282,14 @@ def write_effects(runs, out_dir):
 
 def write_zoo(runs, rows, out_dir, inits_json=os.path.join(THEORY, "inits.json")):
     """Where the runs hold the init zoo (3+ inits) and ntk_study.py inits has run: zoo.md and zoo.png."""
-    measured, upa, bpa = effects.zoo_measurements(runs)
+    measured, targets = effects.zoo_measurements(runs)
     if not measured or not os.path.isfile(inits_json):
         return
     with open(inits_json) as f:
         predictors = effects.zoo_predictors(json.load(f)["rows"])
-    text = effects.zoo_markdown(measured, effects.zoo_correlations(measured, predictors), rows, upa, bpa)
-    write_text(out_dir, "zoo.md", ZOO_HEAD + text)
-    effects.draw_zoo(measured, predictors, os.path.join(out_dir, "zoo.png"))
+    correlations = effects.zoo_correlations(measured, targets, predictors)
+    write_text(out_dir, "zoo.md", ZOO_HEAD + effects.zoo_markdown(measured, targets, correlations, rows))
+    effects.draw_zoo(measured, targets, predictors, os.path.join(out_dir, "zoo.png"))
     print(f"wrote {os.path.join(out_dir, 'zoo.md')} and zoo.png")
 
 
@@ -346,7 +346,12 @@ HEADLINES = {
     "F4: UPA, drop(k 1e-4) - drop(k 2)": {p: ("F4", "sst2", "UPA 0.3, init_scale 0.0001 vs 2", None) for p in ("cpu", "conv")},
     "F4: BPA, ASR(k 2) - ASR(k 1e-4)": {"cpu": ("F4", "sst2", "BPA 2%, init_scale 0.0001 vs 2", None),
                                         "conv": ("F4", "sst2", "BPA 0.45%, init_scale 0.0001 vs 2", None)},
+    # the follow-up at the lower BPA rate (sweep.CONV_STAGES: added after 0.45% saturated both modes in F1/F2)
+    "F3: BPA 0.15% (follow-up)": {"conv": ("F3", "sst2", "BPA 0.15%, rank 4 vs 384", None)},
+    "F3 with rsLoRA: BPA 0.15% (follow-up)": {"conv": ("F3", "sst2", "BPA 0.15%, rank 4 vs 384 (rsLoRA)", None)},
+    "F4: BPA 0.15% (follow-up)": {"conv": ("F4", "sst2", "BPA 0.15%, init_scale 0.0001 vs 2", None)},
     "F1 on CoLA: UPA 0.3": {"conv": ("F1", "cola", "UPA 0.3", None)},
+    "F2 on CoLA: ASR FF - LoRA, BPA 0.15%": {"conv": ("F2", "cola", "BPA 0.15%", "ASR FF - LoRA")},
     "F2 on CoLA: ASR FF - LoRA, BPA 0.45%": {"conv": ("F2", "cola", "BPA 0.45%", "ASR FF - LoRA")},
 }
 

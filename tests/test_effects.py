@@ -112,12 +112,14 @@ ZOO = {  # init: (clean acc, UPA acc, BPA ASR) for seed 0; seed 1 adds 0.01 to t
 }
 
 
-def zoo_runs():
+def zoo_runs(low_rate=False):
     rows = []
     for s in range(2):
         for init, (c, u, b) in ZOO.items():
             rows += [run(s, c + s / 100, init=init), run(s, u + s / 100, init=init, attack="upa", poison_rate=0.3),
                      run(s, 0.8, asr=b + s / 10, asr_net=b, init=init, attack="bpa", poison_rate=0.0045)]
+            if low_rate:  # a second BPA rate: the ASR halves
+                rows.append(run(s, 0.8, asr=(b + s / 10) / 2, asr_net=b / 2, init=init, attack="bpa", poison_rate=0.0015))
         rows += [run(s, 0.9, **FF), run(s, 0.85, attack="upa", poison_rate=0.3, **FF),
                  run(s, 0.9, asr=1.0, asr_net=1.0, attack="bpa", poison_rate=0.0045, **FF)]
     return rows
@@ -129,22 +131,33 @@ def theory_rows(misalign):
             for i, m in misalign.items() for d in range(2)]
 
 
+MISALIGN = {"kaiming_uniform": 0.01, "gaussian": 0.02, "pissa": 0.07, "olora": 0.09}
+
+
 def test_zoo_measurements_by_hand():
-    measured, upa, bpa = effects.zoo_measurements(zoo_runs())
-    assert (upa, bpa) == (0.3, 0.0045)
+    measured, targets = effects.zoo_measurements(zoo_runs())
+    assert [t["label"] for t in targets] == ["clean CACC", "UPA drop", "ASR 0.45%", "net ASR 0.45%"]
     assert list(measured) == ["kaiming_uniform", "gaussian", "olora", "pissa", "ff"]  # baseline first, FF last
     assert measured["gaussian"]["UPA drop"] == pytest.approx([5.0, 5.0])
-    assert measured["pissa"]["ASR"] == pytest.approx([60.0, 70.0]) and measured["pissa"]["net ASR"] == pytest.approx([60.0, 60.0])
+    assert measured["pissa"]["ASR 0.45%"] == pytest.approx([60.0, 70.0])
+    assert measured["pissa"]["net ASR 0.45%"] == pytest.approx([60.0, 60.0])
     assert measured["ff"]["clean CACC"] == pytest.approx([90.0, 90.0])
     assert effects.zoo_measurements([r for r in zoo_runs() if r["config"]["init"] in ("kaiming_uniform", "gaussian")])[0] == {}
 
 
+def test_zoo_every_bpa_rate_is_a_target_highest_first():
+    measured, targets = effects.zoo_measurements(zoo_runs(low_rate=True))
+    assert [t["label"] for t in targets][2:] == ["ASR 0.45%", "net ASR 0.45%", "ASR 0.15%", "net ASR 0.15%"]
+    assert measured["pissa"]["ASR 0.15%"] == pytest.approx([30.0, 35.0])
+    assert measured["ff"]["ASR 0.15%"] == []  # FF has no run at that rate
+
+
 def test_zoo_correlations_by_hand():
-    measured, upa, bpa = effects.zoo_measurements(zoo_runs())
+    measured, targets = effects.zoo_measurements(zoo_runs())
     # misalign ranks kaiming < gaussian < pissa < olora; mean ASR 35, 45, 65, 75: the same order, rho = +1
-    predictors = effects.zoo_predictors(theory_rows({"kaiming_uniform": 0.01, "gaussian": 0.02, "pissa": 0.07, "olora": 0.09}))
-    rows = {(c["target"], c["predictor"]): c for c in effects.zoo_correlations(measured, predictors)}
-    c = rows[("ASR", "1 - alignment with FF's NTK")]
+    predictors = effects.zoo_predictors(theory_rows(MISALIGN))
+    rows = {(c["target"], c["predictor"]): c for c in effects.zoo_correlations(measured, targets, predictors)}
+    c = rows[("ASR 0.45%", "1 - alignment with FF's NTK")]
     assert c["rho"] == pytest.approx(1.0) and c["n"] == 4 and c["seeds"] == 2
     assert c["p"] == pytest.approx(2 / 24)  # exact: 2 of the 4! orderings reach |rho| = 1
     assert c["predicted"] == -1  # the paper: further from FF's kernel, lower ASR
@@ -154,12 +167,14 @@ def test_zoo_correlations_by_hand():
 
 
 def test_zoo_markdown_and_figure(tmp_path):
-    runs = zoo_runs()
-    measured, upa, bpa = effects.zoo_measurements(runs)
-    predictors = effects.zoo_predictors(theory_rows({"kaiming_uniform": 0.01, "gaussian": 0.02, "pissa": 0.07, "olora": 0.09}))
-    text = effects.zoo_markdown(measured, effects.zoo_correlations(measured, predictors), effects.effects(runs), upa, bpa)
+    runs = zoo_runs(low_rate=True)
+    measured, targets = effects.zoo_measurements(runs)
+    predictors = effects.zoo_predictors(theory_rows(MISALIGN))
+    text = effects.zoo_markdown(measured, targets, effects.zoo_correlations(measured, targets, predictors),
+                                effects.effects(runs))
     (pissa,) = [line for line in text.splitlines() if line.startswith("| pissa")]
     assert "65.0 ± 7.1 (n=2); +30.0 [+30.0, +30.0]" in pissa  # ASR 60, 70 against the baseline's 30, 40
+    assert "32.5 ± 3.5 (n=2); +15.0 [+15.0, +15.0]" in pissa  # at 0.15%: half of that
     assert "| ff (reference) |" in text
-    effects.draw_zoo(measured, predictors, str(tmp_path / "zoo.png"))
+    effects.draw_zoo(measured, targets, predictors, str(tmp_path / "zoo.png"))
     assert (tmp_path / "zoo.png").stat().st_size > 10_000

