@@ -189,6 +189,8 @@ ZOO_PREDICTORS = (
     ("IB", lambda d: d["lora"]["ib"], +1),
     ("H_1", lambda d: d["lora"]["h1"], +1),
 )
+
+
 def zoo_targets(upa, bpa_rates):
     """The robustness measures, each a dict: label, sign (relative to ASR's under the paper's argument; clean CACC
     has none), what it measures (kind, rate, net) and the (condition, what) of its paired row from _zoo."""
@@ -278,6 +280,9 @@ def zoo_markdown(measured, targets, correlations, rows):
               "|---|---|---|---|---|---|---|"]
     for c in correlations:
         sign = {1: "+", -1: "-", 0: "none"}[c["predicted"]]
+        if math.isnan(c["rho"]):  # every init at one value (e.g. ASR at its 100% ceiling): no ranks to correlate
+            lines.append(f"| {c['target']} | {c['predictor']} | {sign} | - (all inits equal) | {c['n']} | - | - |")
+            continue
         lines.append(f"| {c['target']} | {c['predictor']} | {sign} | {c['rho']:+.2f} | {c['n']} | {c['p']:.3f} | "
                      f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] |")
     return "\n".join(lines)

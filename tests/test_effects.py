@@ -178,3 +178,14 @@ def test_zoo_markdown_and_figure(tmp_path):
     assert "| ff (reference) |" in text
     effects.draw_zoo(measured, targets, predictors, str(tmp_path / "zoo.png"))
     assert (tmp_path / "zoo.png").stat().st_size > 10_000
+
+
+def test_zoo_ceiling_has_no_correlation_to_report():
+    runs = zoo_runs()
+    for r in runs:
+        if r["config"]["attack"] == "bpa":
+            r["metrics"].update(asr=1.0, asr_net=1.0)  # every init saturated
+    measured, targets = effects.zoo_measurements(runs)
+    predictors = effects.zoo_predictors(theory_rows(MISALIGN))
+    text = effects.zoo_markdown(measured, targets, effects.zoo_correlations(measured, targets, predictors), [])
+    assert "| ASR 0.45% | IB | + | - (all inits equal) | 4 | - | - |" in text
