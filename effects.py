@@ -333,7 +333,8 @@ def markdown(rows):
 
 
 def curves(runs, task, attack, rate, mode):
-    """[(samples, poisoned seen, mean acc, std acc, mean asr, std asr, n)] over the seeds of the baseline/FF arm."""
+    """One dict per evaluation point of the baseline LoRA or the FF arm, over its seeds: samples, poisoned (mean
+    poisoned samples seen), n (seeds), and the mean and std of acc, asr and asr_net (points; nan where absent)."""
     want = dict(BASELINE) if mode == "lora" else dict(mode="ff")
     arm = pick([r for r in runs if r["config"]["task"] == task and r.get("curve")], **want, attack=attack,
                **({"poison_rate": rate} if attack != "none" else {}))
@@ -345,16 +346,18 @@ def curves(runs, task, attack, rate, mode):
     for samples, ps in sorted(points.items()):
         if len(ps) < len(arm):  # a point that not every seed has (a run still going) would bias the mean
             continue
-        a = [100 * p["acc"] for p in ps]
-        s = [100 * p["asr"] for p in ps if "asr" in p]
-        ma, sa = stats.mean_std(a)
-        ms_, ss = stats.mean_std(s) if s else (math.nan, math.nan)
-        out.append((samples, sum(p["poisoned_seen"] for p in ps) / len(ps), ma, sa, ms_, ss, len(ps)))
+        point = dict(samples=samples, poisoned=sum(p["poisoned_seen"] for p in ps) / len(ps), n=len(ps))
+        for metric in ("acc", "asr", "asr_net"):
+            # net ASR is undefined (nan) at a point where the model gets no triggered-set negative right
+            v = [100 * p[metric] for p in ps if metric in p and not math.isnan(p[metric])]
+            point[metric], point[metric + "_sd"] = stats.mean_std(v) if v else (math.nan, math.nan)
+        out.append(point)
     return out
 
 
 def draw_curves(runs, task, path):
-    """CACC and ASR against samples seen, and ASR against poisoned samples seen, per attack and rate: FF vs LoRA."""
+    """CACC against samples seen, and ASR (raw, and net of false positives) against samples seen and against poisoned
+    samples seen, per attack and rate: FF vs LoRA, mean ± std over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -374,12 +377,14 @@ def draw_curves(runs, task, path):
                 pts = curves(runs, task, cond[0], cond[1], mode)
                 if not pts:
                     continue
-                x = [p[0] / 1000 for p in pts]
-                label = f"{mode} {'clean' if cond[0] == 'none' else attack} (n={pts[-1][-1]})"
-                _band(row[0], x, [p[2] for p in pts], [p[3] for p in pts], color, ls, label)
+                x = [p["samples"] / 1000 for p in pts]
+                label = f"{mode} {'clean' if cond[0] == 'none' else attack} (n={pts[-1]['n']})"
+                _band(row[0], x, pts, "acc", color, ls, label)
                 if attack == "bpa" and cond[0] == "bpa":
-                    _band(row[1], x, [p[4] for p in pts], [p[5] for p in pts], color, ls, label)
-                    _band(row[2], [p[1] for p in pts], [p[4] for p in pts], [p[5] for p in pts], color, ls, label)
+                    for metric, style in (("asr", "-"), ("asr_net", "--")):
+                        name = f"{mode} {'net ' if metric == 'asr_net' else ''}ASR"
+                        _band(row[1], x, pts, metric, color, style, name)
+                        _band(row[2], [p["poisoned"] for p in pts], pts, metric, color, style, name)
         row[0].set_ylabel(f"{attack} {rate:g}: CACC (%)")
         row[1].set_ylabel("ASR (%)")
         row[2].set_ylabel("ASR (%)")
@@ -392,14 +397,17 @@ def draw_curves(runs, task, path):
         if attack != "bpa":
             row[1].set_visible(False)
             row[2].set_visible(False)
+        else:
+            row[1].legend(fontsize=7)
     fig.suptitle(f"{task}: curves over training, mean ± std over seeds (intermediate points: fixed dev subset; "
-                 f"last point: whole dev set)", fontsize=10)
+                 f"last point: whole dev set; dashed: ASR net of false positives)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def _band(ax, x, m, s, color, ls, label):
+def _band(ax, x, pts, metric, color, ls, label):
+    m, s = [p[metric] for p in pts], [p[metric + "_sd"] for p in pts]
     ax.plot(x, m, ls, color=color, marker=".", label=label)
     ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.15)

@@ -1,4 +1,6 @@
 """effects.py: paired effects on hand-made results whose differences are worked out by hand."""
+import math
+
 import pytest
 
 import effects
@@ -74,9 +76,10 @@ def test_curves_mean_over_seeds_and_incomplete_points_dropped():
                       for i, a in enumerate(accs)]
         rows.append(r)
     pts = effects.curves(rows, "sst2", "bpa", 0.0045, "lora")
-    assert [p[0] for p in pts] == [160, 320]
-    assert pts[0][2] == pytest.approx(70.0) and pts[0][3] == pytest.approx(2 ** 0.5 * 10)
-    assert pts[1][1] == pytest.approx(1.5)  # poisoned seen, mean of 1 and 2
+    assert [p["samples"] for p in pts] == [160, 320]
+    assert pts[0]["acc"] == pytest.approx(70.0) and pts[0]["acc_sd"] == pytest.approx(2 ** 0.5 * 10)
+    assert pts[1]["poisoned"] == pytest.approx(1.5)  # poisoned seen, mean of 1 and 2
+    assert pts[0]["asr"] == pytest.approx(50.0) and math.isnan(pts[0]["asr_net"])  # no net ASR recorded
 
 
 def test_verdicts_table_cells():
@@ -189,3 +192,14 @@ def test_zoo_ceiling_has_no_correlation_to_report():
     predictors = effects.zoo_predictors(theory_rows(MISALIGN))
     text = effects.zoo_markdown(measured, targets, effects.zoo_correlations(measured, targets, predictors), [])
     assert "| ASR 0.45% | IB | + | - (all inits equal) | 4 | - | - |" in text
+
+
+def test_curves_net_asr_skips_undefined_points():
+    rows = []
+    for s, net in enumerate((float("nan"), 0.3, 0.5)):  # seed 0's model got no triggered negative right: undefined
+        r = run(s, 0.8, asr=0.6, asr_net=net, attack="bpa", poison_rate=0.0045)
+        r["curve"] = [{"step": 10, "samples": 160, "poisoned_seen": 1, "acc": 0.8, "asr": 0.6, "asr_net": net}]
+        rows.append(r)
+    (p,) = effects.curves(rows, "sst2", "bpa", 0.0045, "lora")
+    assert p["asr_net"] == pytest.approx(40.0) and p["asr_net_sd"] == pytest.approx(2 ** 0.5 * 10)
+    assert p["asr"] == pytest.approx(60.0) and p["n"] == 3
