@@ -22,7 +22,16 @@ def test_grids_have_the_paper_shape():
         sweep.grid("fig9", cpu)
 
 
-def test_conv_grids_and_the_low_bpa_follow_up():
+@pytest.fixture
+def stub_glue(tmp_path, monkeypatch):
+    """Planning a sweep checks that SST-2's files exist but never reads them: empty files stand in for the data."""
+    (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+    for split in ("train", "dev"):
+        (tmp_path / "glue" / "SST-2" / f"{split}.tsv").write_text("")
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path / "glue"))
+
+
+def test_conv_grids_and_the_low_bpa_follow_up(stub_glue):
     p = sweep.PROTOCOLS["conv"]
     configs = lambda figure: [sweep.resolve(f + ["--seed", "0"]) for f in sweep.grid(figure, p)]
     f3 = configs("f3")
@@ -45,7 +54,7 @@ def test_run_key_ignores_machine_paths():
     assert runspec.run_key(a) != runspec.run_key(dict(a, seed=1))
 
 
-def test_finished_runs_are_skipped(tmp_path, capsys):
+def test_finished_runs_are_skipped(tmp_path, capsys, stub_glue):
     results = tmp_path / "results.jsonl"
     flags = sweep.grid("fig1", sweep.PROTOCOLS["cpu"])[0] + ["--seed", "0"]
     results.write_text(json.dumps({"config": sweep.resolve(flags), "metrics": {}}) + "\n")
