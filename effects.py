@@ -37,6 +37,11 @@ def context(config):
     return runspec.run_key(config, without=ARM_FIELDS)
 
 
+def _main_context(runs):
+    """The context most of these runs share: the grid's, not a stray run's."""
+    return Counter(context(r["config"]) for r in runs).most_common(1)[0][0]
+
+
 def pick(runs, **want):
     """{seed: run} of the runs whose config has these values (floats equal to 1e-6 relative); one run per seed."""
     out = {}
@@ -213,7 +218,7 @@ def zoo_measurements(runs, task="sst2"):
     zoo = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["init"] != "kaiming_uniform"]
     if not zoo:
         return {}, []
-    main = Counter(context(r["config"]) for r in zoo).most_common(1)[0][0]
+    main = _main_context(zoo)
     group = [r for r in runs if context(r["config"]) == main]
     targets = zoo_targets(max(_rates(zoo, "upa"), default=None), sorted(_rates(zoo, "bpa"), reverse=True))
     base = {k: v for k, v in BASELINE.items() if k != "init"}
@@ -364,8 +369,8 @@ def draw_curves(runs, task, path):
     runs = [r for r in runs if r["config"]["task"] == task and len(r.get("curve", ())) > 1]
     if not runs:
         return False
-    main_context = Counter(context(r["config"]) for r in runs).most_common(1)[0][0]  # the grid's, not a stray run's
-    runs = [r for r in runs if context(r["config"]) == main_context]
+    main = _main_context(runs)
+    runs = [r for r in runs if context(r["config"]) == main]
     conds = sorted({(r["config"]["attack"], r["config"]["poison_rate"]) for r in runs
                     if r["config"]["attack"] in ("upa", "bpa")})
     if not conds:

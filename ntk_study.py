@@ -542,7 +542,8 @@ def runs_markdown(res):
     out = ["# Theorem 3.6 after clean training", "",
            f"`{st['command']}`; N = {st['n']} SST-2 train "
            f"sentences per draw, draws {st['seeds']}. Runs found: {len(res['runs'])}. A LoRA run is paired with "
-           "each FF run of the same task, seed, budget and batch size, each mode at its own learning rate; after training the support (eigenvalues above ntk's tolerance) falls below N because "
+           "each FF run of the same task, seed, budget and batch size, each mode at its own learning rate; after "
+           "training the support (eigenvalues above ntk's tolerance) falls below N because "
            "a fitted sample's dCE/dlogits is ~1e-3 and its eigenvalue ~1e-6 lambda_max, under ntk's float32 cut, "
            "so IB sums different numbers of log-terms: the pair tables also compare IB over the common top-t "
            "eigenvalues and IB with float64's tolerance.", ""]

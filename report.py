@@ -43,8 +43,6 @@ def group_runs(runs):
     return groups
 
 
-mean_std = stats.mean_std
-
 
 # -----------------------------------------------------------------------------
 # the table of every setting
@@ -63,7 +61,7 @@ def markdown_table(groups):
         cells.append(str(len(ms)))
         for m in TABLE_METRICS:
             vals = [x[m] for x in ms if m in x]
-            cells.append("%.2f ± %.2f" % tuple(100 * v for v in mean_std(vals)) if vals else "")
+            cells.append("%.2f ± %.2f" % tuple(100 * v for v in stats.mean_std(vals)) if vals else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,7 +116,7 @@ def figure_data(groups, spec):
         for panel in spec["panels"]:
             vals = [m[panel] for m in ms if panel in m]
             if vals:
-                out[panel][series].append((cfg[spec["x"]], *mean_std(vals), len(vals)))
+                out[panel][series].append((cfg[spec["x"]], *stats.mean_std(vals), len(vals)))
     # a series is a sweep over x: points that only share a rank/variance with another grid (e.g. fig1's rank-8
     # runs at other rates) have fewer than 3 x values there and are left out
     keep = 3 if spec["series"] == "attack" else 1
@@ -186,7 +184,7 @@ def _rounded_default_k(k):
 
 def findings(runs):
     """The measured effects behind the paper's findings F1-F4, as Markdown (mean ± sample std over seeds, n)."""
-    ms = lambda v: "%+.2f ± %.2f (n=%d)" % (*(100 * x for x in mean_std(v)), len(v)) if v else "no runs"
+    ms = lambda v: "%+.2f ± %.2f (n=%d)" % (*(100 * x for x in stats.mean_std(v)), len(v)) if v else "no runs"
     out = ["F1 (UPA hurts LoRA more): accuracy drop clean -> UPA, LoRA minus FF, in points, paired by seed"]
     drops = defaultdict(dict)
     for clean, bad in pairs(runs, "upa"):

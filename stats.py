@@ -102,31 +102,36 @@ def spearman(x, y):
     sample is constant."""
     if len(x) != len(y) or len(x) < 3:
         raise ValueError(f"spearman needs two equal-length samples of at least 3 (got {len(x)}, {len(y)})")
-    rx, ry = ranks(list(x)), ranks(list(y))
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return float("nan") if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+    return _pearson(ranks(list(x)), ranks(list(y)))
+
+
+def _pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    sab = sum((u - ma) * (v - mb) for u, v in zip(a, b))
+    saa, sbb = sum((u - ma) ** 2 for u in a), sum((v - mb) ** 2 for v in b)
+    return float("nan") if saa == 0 or sbb == 0 else sab / math.sqrt(saa * sbb)
 
 
 def spearman_p(x, y, exact_up_to=8, draws=20000, seed=0):
     """Two-sided permutation p-value of Spearman's rho under 'no association': the share of orderings of y whose
     |rho| is at least the observed one. Exact (all n! orderings) for n <= exact_up_to, else `draws` seeded random
-    orderings (the observed one counted, so p >= 1/(draws + 1))."""
+    orderings (the observed one counted, so p >= 1/(draws + 1)). Reordering y reorders its ranks, so the ranks are
+    computed once."""
     import itertools
     import random
     observed = abs(spearman(x, y))
     if math.isnan(observed):
         return float("nan")
-    hit = lambda perm: abs(spearman(x, perm)) >= observed - 1e-12
+    rx, ry = ranks(list(x)), ranks(list(y))
+    hit = lambda perm: abs(_pearson(rx, perm)) >= observed - 1e-12
     if len(x) <= exact_up_to:
-        perms = list(itertools.permutations(y))
+        perms = list(itertools.permutations(ry))
         return sum(hit(p) for p in perms) / len(perms)
-    rng, y = random.Random(seed), list(y)
+    rng = random.Random(seed)
     count = 1
     for _ in range(draws):
-        rng.shuffle(y)
-        count += hit(y)
+        rng.shuffle(ry)
+        count += hit(ry)
     return count / (draws + 1)
 
 

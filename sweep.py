@@ -136,10 +136,9 @@ def conv_grid(figure, p):
                      for a in scalings for c in cs for r in p["ranks"]]
     f4 = lambda cs: [lora + ["--init-scale", str(k)] + c for c in cs for k in p["scales"]]
     zoo = lambda cs: [lora + ["--init", i] + c for c in cs for i in p["zoo"]]
-    grids = {"f3": lambda: f3(sweep_conds), "f4": lambda: f4(sweep_conds), "zoo": lambda: zoo(sweep_conds),
-             "f34-low": lambda: f3(low) + f4(low), "zoo-low": lambda: zoo(low)}
+    grids = {"f3": f3, "f4": f4, "zoo": zoo, "f34-low": lambda cs: f3(cs) + f4(cs), "zoo-low": zoo}
     if figure in grids:
-        return grids[figure]()
+        return grids[figure](low if figure.endswith("-low") else sweep_conds)
     raise SystemExit(f"error: unknown figure {figure!r} for protocol conv; choose from "
                      f"{', '.join(f for stage, _ in CONV_STAGES for f in stage)}")
 

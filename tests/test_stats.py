@@ -99,7 +99,7 @@ def test_spearman_against_scipy_with_ties():
 def test_spearman_p_closed_form_n3():
     # n = 3: rho takes 1 (1 ordering), 0.5 (2), -0.5 (2), -1 (1); |rho| >= 1 in 2 of the 6 orderings
     assert stats.spearman_p([1, 2, 3], [1, 2, 3]) == pytest.approx(2 / 6)
-    assert stats.spearman_p([1, 2, 3], [2, 1, 3]) == pytest.approx(1.0)  # |rho| = 0.5: all but none excluded
+    assert stats.spearman_p([1, 2, 3], [2, 1, 3]) == pytest.approx(1.0)  # |rho| = 0.5: every ordering reaches it
 
 
 def test_spearman_p_against_scipy_exact_permutation_test():
