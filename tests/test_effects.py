@@ -92,6 +92,18 @@ def test_verdicts_table_cells():
     assert "| F1: UPA 0.3, LoRA's extra accuracy drop | UPA 0.3: +4.0" in table
 
 
+def test_splice_replaces_only_the_marked_table(tmp_path, capsys):
+    import report
+    path = tmp_path / "REPORT.md"
+    path.write_text(f"# R\n\n{report.TABLE_BEGIN}\n| old |\n{report.TABLE_END}\n\n(State of then)\n")
+    report.splice(str(path), "| new |\n|---|")
+    assert path.read_text() == f"# R\n\n{report.TABLE_BEGIN}\n| new |\n|---|\n{report.TABLE_END}\n\n(State of then)\n"
+    unmarked = tmp_path / "FORK.md"
+    unmarked.write_text("# a fork's report\n")
+    report.splice(str(unmarked), "| new |")
+    assert unmarked.read_text() == "# a fork's report\n" and "no '<!-- verdicts" in capsys.readouterr().out
+
+
 def test_curves_figure_ignores_runs_of_another_context(tmp_path):
     rows = []
     for s in range(2):
