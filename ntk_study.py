@@ -8,7 +8,8 @@ train sentences by default), at initialisation and after clean training.
 
 Cost on one CPU thread (MiniLM, N = 64, max length 64): FF's kernels about 70 s a draw at a 7.6 GB peak (the word
 embeddings' Jacobian), cached in <out>/cache/ and shared by thm36 and inits; then 3-9 s a LoRA model: thm36 about
-8 minutes for its 3 x 32 models, inits about 1.5 minutes; runs about 70 s per FF run and 4 s per LoRA run a draw.
+8 minutes for its 3 x 32 models, inits about 1.5 minutes; runs about 70 s per FF run and 4 s per LoRA run a draw, each cached in <out>/cache/ by the run's
+config and weights, so that adding run folders later measures only the new ones.
 
 What is measured, on N sentences (one draw per seed: the samples, the head init and the A draws):
 
@@ -52,7 +53,9 @@ the supports differ; the pair tables also give IB over each one's top-t eigenval
 import argparse
 import copy
 import csv
+import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -212,24 +215,36 @@ def compare(lora_m, ff_m, sets=SETS):
 
 
 # -----------------------------------------------------------------------------
-# FF at initialisation, cached per draw (the expensive part: about a minute and 7.6 GB on MiniLM, N = 64)
+# measurements cached per draw (FF's is the expensive part: about a minute and 7.6 GB on MiniLM, N = 64)
+
+def cached_measure(path, meta, compute):
+    """compute()'s measurement, saved at `path` with `meta` and reused while `meta` is unchanged: the kernels are
+    stored in float32 (their origin: float32 Jacobians) and given back in float64, as measure() gives them."""
+    if os.path.isfile(path):
+        saved = torch.load(path)
+        if saved["meta"] == meta:
+            return {"e": saved["e"], "K": {g: K.double() for g, K in saved["K"].items()}}
+    t = time.time()
+    m = compute()
+    m["seconds"] = time.time() - t
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"meta": meta, "e": m["e"], "K": {g: K.float() for g, K in m["K"].items()}}, path)
+    return m
+
+
+def draw_meta(model_dir, batch, n, max_len, seed):
+    """What a measurement on one draw depends on besides the weights: the model, the samples, their labels."""
+    return {"model": os.path.realpath(model_dir), "n": n, "max_len": max_len, "seed": seed, "targets": TARGETS,
+            "input_ids": batch["input_ids"].tolist(), "labels": batch["labels"].tolist()}
+
 
 def ff_at_init(args, seed):
     """(base model, batch, FF measurement) for one draw; the measurement is cached in <out>/cache/."""
     batch = load_batch(args.model, args.data_dir, args.n, args.max_len, seed)
     net = base_model(args.model, seed)
-    meta = {"model": os.path.realpath(args.model), "n": args.n, "max_len": args.max_len, "seed": seed,
-            "targets": TARGETS, "input_ids": batch["input_ids"].tolist(), "labels": batch["labels"].tolist()}
     path = os.path.join(args.out, "cache", f"ff-init-n{args.n}-len{args.max_len}-s{seed}.pt")
-    if os.path.isfile(path):
-        saved = torch.load(path)
-        if saved["meta"] == meta:
-            return net, batch, {"e": saved["e"], "K": {g: K.double() for g, K in saved["K"].items()}}
-    t = time.time()
-    m = measure(net, batch, desc=f"FF NTK, draw {seed}")
-    m["seconds"] = time.time() - t
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"meta": meta, "e": m["e"], "K": {g: K.float() for g, K in m["K"].items()}}, path)  # float32 origin
+    m = cached_measure(path, draw_meta(args.model, batch, args.n, args.max_len, seed),
+                       lambda: measure(net, batch, desc=f"FF NTK, draw {seed}"))
     return net, batch, m
 
 
@@ -314,20 +329,36 @@ def find_runs(paths):
     return sorted(set(found))
 
 
+def run_digest(run_dir):
+    """sha256 of what a finished run's measurement depends on: its config.json and its saved weights."""
+    h = hashlib.sha256()
+    files = [os.path.join(run_dir, "config.json"), os.path.join(run_dir, "adapter.safetensors")]
+    files += sorted(glob.glob(os.path.join(run_dir, "model", "*")))
+    for f in (f for f in files if os.path.isfile(f)):
+        with open(f, "rb") as fh:
+            h.update(os.path.basename(f).encode() + fh.read())
+    return h.hexdigest()
+
+
 def runs(args):
+    """Each finished clean run measured on every draw, cached per (run, draw) in <out>/cache/: a second call with
+    more run folders measures only the new ones."""
     import evaluate
     from tqdm import tqdm
     dirs = find_runs(args.paths)
     measured = []
     for d in tqdm(dirs, desc="runs"):
-        run_args, net = evaluate.load_run(d)
+        run_args = evaluate.read_config(d)
         if run_args.attack != "none":
             tqdm.write(f"{d}: attack {run_args.attack}, not a clean run; skipped")
             continue
-        net.eval()
+        digest = run_digest(d)
+        model = functools.cache(lambda d=d: evaluate.load_run(d)[1].eval())  # loaded only if a draw is not cached
         for seed in args.seeds:
             batch = load_batch(run_args.model, run_args.data_dir, args.n, run_args.max_len, seed, run_args.task)
-            m = measure(net, batch, desc=os.path.basename(d))
+            meta = {**draw_meta(run_args.model, batch, args.n, run_args.max_len, seed), "run": digest}
+            path = os.path.join(args.out, "cache", f"run-{digest[:16]}-n{args.n}-s{seed}.pt")
+            m = cached_measure(path, meta, lambda: measure(model(), batch, desc=os.path.basename(d)))
             measured.append({"run": d, "config": vars(run_args), "seed": seed, "m": m})
     pairs = []
     for lo in (x for x in measured if x["config"]["mode"] == "lora"):
@@ -602,7 +633,7 @@ def parser():
     p = cli.Parser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", default="results/theory", help="output folder (and its cache/ for FF kernels)")
+    common.add_argument("--out", default="results/theory", help="output folder (and its cache/ of measured kernels)")
     common.add_argument("--n", type=int, default=64, help="sentences per draw (the Gram is N x N)")
     common.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="draws: samples, head, A")
     common.add_argument("--max-len", type=int, default=64, help="tokenizer max length")

@@ -228,7 +228,7 @@ def test_inits_cli_covers_the_requested_inits(tiny_setup, tmp_path):
     assert "| kaiming_uniform |" in (tmp_path / "inits.md").read_text()
 
 
-def test_runs_cli_pairs_a_lora_and_an_ff_run(tiny_setup, tmp_path):
+def test_runs_cli_pairs_a_lora_and_an_ff_run_and_caches_each_run(tiny_setup, tmp_path, monkeypatch):
     """Run folders in train.py's layout (config.json {"run": flags}, adapter.safetensors or model/), made here."""
     import evaluate  # noqa: F401  (the loader the study uses)
     folder, glue = tiny_setup
@@ -254,6 +254,16 @@ def test_runs_cli_pairs_a_lora_and_an_ff_run(tiny_setup, tmp_path):
     assert len(res["runs"]) == 3 and len(res["alone"]) == 3 * 2 and len(res["rows"]) == 2
     assert {os.path.basename(r["ff"]) for r in res["rows"]} == {"ff"}
     assert "LoRA vs FF, layers" in (tmp_path / "runs.md").read_text()
+    real, calls = S.measure, []
+    monkeypatch.setattr(S, "measure", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    cli(tiny_setup, tmp_path, "runs", str(tmp_path / "runs"))  # every (run, draw) is in out/cache/: nothing measured
+    assert calls == [] and json.loads((tmp_path / "runs.json").read_text())["rows"] == res["rows"]
+    net = M.from_pretrained(str(tmp_path / "runs" / "ff" / "model"), verbose=False)
+    with torch.no_grad():  # new weights in one run: that run alone is measured again, on both draws
+        next(net.parameters()).add_(0.01)
+    M.save_pretrained(net, str(tmp_path / "runs" / "ff" / "model"))
+    cli(tiny_setup, tmp_path, "runs", str(tmp_path / "runs"))
+    assert calls == ["ff", "ff"]
 
 
 @pytest.mark.parametrize("args,message", [
