@@ -366,7 +366,10 @@ def runs(args):
             same = all(lo["config"][k] == ff["config"][k] for k in ("task", "seed", "max_len", "steps", "batch_size")) \
                 and lo["seed"] == ff["seed"] and lo["config"]["targets"] == TARGETS
             if same:
-                pairs.append({"lora": lo["run"], "ff": ff["run"], "seed": lo["seed"], "sets": compare(lo["m"], ff["m"])})
+                c = lo["config"]  # the LoRA setting, so pairs of several training seeds group into one
+                pairs.append({"lora": lo["run"], "ff": ff["run"], "seed": lo["seed"], "rank": c["rank"],
+                              "k": c["init_scale"], "alpha": c["alpha"], "rslora": c["rslora"], "init": c["init"],
+                              "sets": compare(lo["m"], ff["m"])})
     alone = [{"run": x["run"], "mode": x["config"]["mode"], "seed": x["seed"],
               "sets": {s: summarise(fisher_gram(K, x["m"]["e"])) for s, K in kernel_sets(x["m"]).items()}}
              for x in measured]
@@ -587,6 +590,9 @@ def runs_markdown(res):
             out.append(f"| {os.path.basename(x['run'])} | {x['mode']} | {x['seed']} | {s} | "
                        + " | ".join(f"{v[m]:.2f}" for m in SUMMARIES) + f" | {v['support']} |")
     if res["rows"]:
+        setting = ("init", "rank", "k", "alpha", "rslora")
+        out += ["", "## LoRA vs FF per LoRA setting, adapted parameters (over training seeds x draws)", "",
+                *detail_table(res["rows"], "adapted", setting, common=True)]
         for r in res["rows"]:
             r["pair"] = f"{os.path.basename(r['lora'])} vs {os.path.basename(r['ff'])}"
         for s in SETS:

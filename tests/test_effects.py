@@ -1,4 +1,5 @@
 """effects.py: paired effects on hand-made results whose differences are worked out by hand."""
+import json
 import math
 
 import pytest
@@ -102,6 +103,22 @@ def test_splice_replaces_only_the_marked_table(tmp_path, capsys):
     unmarked.write_text("# a fork's report\n")
     report.splice(str(unmarked), "| new |")
     assert unmarked.read_text() == "# a fork's report\n" and "no '<!-- verdicts" in capsys.readouterr().out
+
+
+def test_thm36_rows_count_settings_over_all_their_draws(tmp_path):
+    import report
+    def pair(rank, ib_l, h_l, seed):  # FF: IB 10, H 2 at every alpha
+        val = lambda ib, h: {"ib": ib, "ib_f64": ib, "h0.5": h, "h1": h, "h2": h}
+        return {"rank": rank, "k": 1 / 3, "alpha": 16.0, "rslora": False, "seed": seed,
+                "sets": {"adapted": {"lora": val(ib_l, h_l), "ff": val(10.0, 2.0)}}}
+    rows = [pair(8, 9.0, 2.5, s) for s in range(4)]  # rank 8: IB below, H above, in all 4 draws
+    rows += [pair(64, 9.0, 1.5, 0), pair(64, 11.0, 1.5, 1)]  # rank 64: H below in both, IB below in one only
+    (tmp_path / "theory").mkdir()
+    (tmp_path / "theory" / "runs.json").write_text(json.dumps({"rows": rows}))
+    (ib_row, ib_cell), (h_row, h_cell) = [(r[0], r[2]) for r in report.thm36_rows(str(tmp_path))]
+    assert ib_row == "Thm 3.6 after clean training: IB_LoRA < IB_FF"
+    assert ib_cell == "1/2 settings in every draw (2-4 a setting): **mixed** (float64 cutoff: 1/2)"
+    assert h_cell == "1/2 settings in every draw (2-4 a setting) (above in 1/2): **mixed**"
 
 
 def test_curves_figure_ignores_runs_of_another_context(tmp_path):
