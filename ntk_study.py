@@ -8,8 +8,8 @@ train sentences by default), at initialisation and after clean training.
 
 Cost on one CPU thread (MiniLM, N = 64, max length 64): FF's kernels about 70 s a draw at a 7.6 GB peak (the word
 embeddings' Jacobian), cached in <out>/cache/ and shared by thm36 and inits; then 3-9 s a LoRA model: thm36 about
-8 minutes for its 3 x 32 models, inits about 1.5 minutes; runs about 70 s per FF run and 4 s per LoRA run a draw, each cached in <out>/cache/ by the run's
-config and weights, so that adding run folders later measures only the new ones.
+8 minutes for its 3 x 32 models, inits about 1.5 minutes; runs about 70 s per FF run and 4 s per LoRA run a draw,
+each cached in <out>/cache/ by the run's config and weights, so that adding run folders measures only the new ones.
 
 What is measured, on N sentences (one draw per seed: the samples, the head init and the A draws):
 

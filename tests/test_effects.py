@@ -117,8 +117,8 @@ def test_thm36_rows_count_settings_over_all_their_draws(tmp_path):
     (tmp_path / "theory" / "runs.json").write_text(json.dumps({"rows": rows}))
     (ib_row, ib_cell), (h_row, h_cell) = [(r[0], r[2]) for r in report.thm36_rows(str(tmp_path))]
     assert ib_row == "Thm 3.6 after clean training: IB_LoRA < IB_FF"
-    assert ib_cell == "1/2 settings in every draw (2-4 a setting): **mixed** (float64 cutoff: 1/2)"
-    assert h_cell == "1/2 settings in every draw (2-4 a setting) (above in 1/2): **mixed**"
+    assert ib_cell == "below in every draw in 1/2 settings (2-4 draws each): **mixed** (float64 cutoff: 1/2)"
+    assert h_cell == "below in every draw in 1/2 settings, above in every draw in 1/2 (2-4 draws each): **mixed**"
 
 
 def test_curves_figure_ignores_runs_of_another_context(tmp_path):
