@@ -5,6 +5,7 @@ curves over training, from the runs of one results JSONL (any protocol).
     rows = effects(runs)                         # one dict per (finding, task, condition)
     markdown(rows)                               # the table REPORT.md quotes
     draw_curves(runs, "sst2", "results/conv/curves-sst2.png")
+    draw_zoo_curves(runs, "results/conv/zoo-curves.png")
 
 Two runs are paired when they share a seed and a context: every setting except the arm fields below (mode, lr,
 the LoRA settings, the attack) is equal. Effects are in points (percent), oriented so that + is the paper's
@@ -210,20 +211,28 @@ def zoo_targets(upa, bpa_rates):
     return out
 
 
+def zoo_group(runs, task="sst2"):
+    """(runs, arms, zoo) of the zoo grid: the runs of its context, {init or 'ff': the arm's config values} (the
+    baseline first, FF last) and the non-baseline LoRA runs; ([], {}, []) where no other init has run."""
+    runs = [r for r in runs if r["config"]["task"] == task]
+    zoo = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["init"] != "kaiming_uniform"]
+    if not zoo:
+        return [], {}, []
+    main = _main_context(zoo)
+    group = [r for r in runs if context(r["config"]) == main]
+    base = {k: v for k, v in BASELINE.items() if k != "init"}
+    inits = sorted({r["config"]["init"] for r in group if r["config"]["mode"] == "lora"}, key=lambda i: (i != "kaiming_uniform", i))
+    return group, {**{i: dict(base, init=i) for i in inits}, "ff": dict(mode="ff")}, zoo
+
+
 def zoo_measurements(runs, task="sst2"):
     """({init or 'ff': {target label: [per-seed value]}}, targets) of the rank-8 inits in the zoo grid's context,
     with FF of that context as the reference; ({}, []) without at least 3 inits. Every BPA rate the zoo ran is a
     target, highest first."""
-    runs = [r for r in runs if r["config"]["task"] == task]
-    zoo = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["init"] != "kaiming_uniform"]
+    group, arms, zoo = zoo_group(runs, task)
     if not zoo:
         return {}, []
-    main = _main_context(zoo)
-    group = [r for r in runs if context(r["config"]) == main]
     targets = zoo_targets(max(_rates(zoo, "upa"), default=None), sorted(_rates(zoo, "bpa"), reverse=True))
-    base = {k: v for k, v in BASELINE.items() if k != "init"}
-    inits = sorted({r["config"]["init"] for r in group if r["config"]["mode"] == "lora"}, key=lambda i: (i != "kaiming_uniform", i))
-    arms = {**{i: dict(base, init=i) for i in inits}, "ff": dict(mode="ff")}
     out = {name: {t["label"]: _robustness(group, want, t) for t in targets} for name, want in arms.items()}
     out = {k: v for k, v in out.items() if v["clean CACC"]}
     return (out, targets) if len(set(out) - {"ff"}) >= 3 else ({}, [])
@@ -337,11 +346,14 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-def curves(runs, task, attack, rate, mode):
-    """One dict per evaluation point of the baseline LoRA or the FF arm, over its seeds: samples, poisoned (mean
-    poisoned samples seen), n (seeds), and the mean and std of acc, asr and asr_net (points; nan where absent)."""
-    want = dict(BASELINE) if mode == "lora" else dict(mode="ff")
-    arm = pick([r for r in runs if r["config"]["task"] == task and r.get("curve")], **want, attack=attack,
+ARMS = {"ff": dict(mode="ff"), "lora": BASELINE}  # the two arms of F1/F2
+
+
+def curves(runs, task, attack, rate, arm):
+    """One dict per evaluation point of one arm (its config values: ARMS[mode], or a zoo init's) over its seeds:
+    samples, poisoned (mean poisoned samples seen), n (seeds), and the mean and std of acc, asr and asr_net (points;
+    nan where absent)."""
+    arm = pick([r for r in runs if r["config"]["task"] == task and r.get("curve")], **arm, attack=attack,
                **({"poison_rate": rate} if attack != "none" else {}))
     points = defaultdict(list)
     for r in arm.values():
@@ -379,7 +391,7 @@ def draw_curves(runs, task, path):
     for row, (attack, rate) in zip(axes, conds):
         for mode, color in (("ff", "tab:red"), ("lora", "tab:blue")):
             for cond, ls in (((attack, rate), "-"), (("none", 0.0), ":")):
-                pts = curves(runs, task, cond[0], cond[1], mode)
+                pts = curves(runs, task, cond[0], cond[1], ARMS[mode])
                 if not pts:
                     continue
                 x = [p["samples"] / 1000 for p in pts]
@@ -406,6 +418,37 @@ def draw_curves(runs, task, path):
             row[1].legend(fontsize=7)
     fig.suptitle(f"{task}: curves over training, mean ± std over seeds (intermediate points: fixed dev subset; "
                  f"last point: whole dev set; dashed: ASR net of false positives)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def draw_zoo_curves(runs, path, task="sst2"):
+    """The zoo over training: per condition, CACC (clean, UPA) or net ASR (BPA) against samples seen, one line per
+    init and FF (dashed, black), mean over seeds; False where the zoo has not run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    group, arms, zoo = zoo_group([r for r in runs if len(r.get("curve", ())) > 1], task)
+    if not zoo:
+        return False
+    conds = [("none", 0.0)] + [(a, rate) for a in ("upa", "bpa") for rate in _rates(zoo, a)]
+    fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 3.6), squeeze=False)
+    for ax, (attack, rate) in zip(axes[0], conds):
+        metric = "asr_net" if attack == "bpa" else "acc"
+        for k, (name, arm) in enumerate(arms.items()):
+            pts = curves(group, task, attack, rate, arm)
+            if pts:
+                ax.plot([p["samples"] / 1000 for p in pts], [p[metric] for p in pts], "--" if name == "ff" else "-",
+                        color="k" if name == "ff" else f"C{k}", marker=".", label=f"{name} (n={pts[-1]['n']})")
+        ax.set_title("clean" if attack == "none" else f"{attack.upper()} {100 * rate:g}%", fontsize=9)
+        ax.set_ylabel("net ASR (%)" if metric == "asr_net" else "CACC (%)")
+        ax.set_xlabel("samples seen (thousands)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{task}: the init zoo over training, mean over seeds (intermediate points: fixed dev subset; "
+                 "last point: whole dev set)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

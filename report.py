@@ -279,7 +279,10 @@ def write_effects(runs, out_dir):
 
 
 def write_zoo(runs, rows, out_dir, inits_json=os.path.join(THEORY, "inits.json")):
-    """Where the runs hold the init zoo (3+ inits) and ntk_study.py inits has run: zoo.md and zoo.png."""
+    """Where the runs hold the init zoo: zoo-curves.png (once a zoo run has curves); with 3+ inits and ntk_study.py
+    inits's results also zoo.md and zoo.png."""
+    if effects.draw_zoo_curves(runs, os.path.join(out_dir, "zoo-curves.png")):
+        print(f"wrote {os.path.join(out_dir, 'zoo-curves.png')}")
     measured, targets = effects.zoo_measurements(runs)
     if not measured or not os.path.isfile(inits_json):
         return

@@ -76,7 +76,7 @@ def test_curves_mean_over_seeds_and_incomplete_points_dropped():
         r["curve"] = [{"step": 10 * (i + 1), "samples": 160 * (i + 1), "poisoned_seen": i + s, "acc": a, "asr": 0.5}
                       for i, a in enumerate(accs)]
         rows.append(r)
-    pts = effects.curves(rows, "sst2", "bpa", 0.0045, "lora")
+    pts = effects.curves(rows, "sst2", "bpa", 0.0045, effects.BASELINE)
     assert [p["samples"] for p in pts] == [160, 320]
     assert pts[0]["acc"] == pytest.approx(70.0) and pts[0]["acc_sd"] == pytest.approx(2 ** 0.5 * 10)
     assert pts[1]["poisoned"] == pytest.approx(1.5)  # poisoned seen, mean of 1 and 2
@@ -212,6 +212,24 @@ def test_zoo_markdown_and_figure(tmp_path):
     assert (tmp_path / "zoo.png").stat().st_size > 10_000
 
 
+def test_zoo_curves_follow_each_init(tmp_path):
+    runs = zoo_runs()
+    assert not effects.draw_zoo_curves(runs, str(tmp_path / "none.png"))  # no run has curves yet
+    for r in runs:  # two points each: half-way the accuracy is 0.1 lower and the ASR half the final one
+        acc, asr = r["metrics"]["clean"]["acc"], r["metrics"].get("asr", 0)
+        r["curve"] = [{"step": 10, "samples": 160, "poisoned_seen": 0, "acc": acc - 0.1, "asr": asr / 2},
+                      {"step": 20, "samples": 320, "poisoned_seen": 1, "acc": acc, "asr": asr}]
+    group, arms, _ = effects.zoo_group(runs)
+    assert list(arms)[0] == "kaiming_uniform" and list(arms)[-1] == "ff"
+    first, last = effects.curves(group, "sst2", "upa", 0.3, arms["pissa"])
+    assert (first["acc"], last["acc"]) == (pytest.approx(76.5), pytest.approx(86.5))  # pissa UPA: 0.86 and 0.87
+    _, last = effects.curves(group, "sst2", "bpa", 0.0045, arms["olora"])
+    ff = effects.curves(group, "sst2", "none", 0, arms["ff"])
+    assert last["asr"] == pytest.approx(75.0) and ff[-1]["acc"] == pytest.approx(90.0)  # olora 0.7, 0.8; FF 0.9
+    assert effects.draw_zoo_curves(runs, str(tmp_path / "zoo-curves.png"))
+    assert (tmp_path / "zoo-curves.png").stat().st_size > 10_000
+
+
 def test_zoo_ceiling_has_no_correlation_to_report():
     runs = zoo_runs()
     for r in runs:
@@ -229,6 +247,6 @@ def test_curves_net_asr_skips_undefined_points():
         r = run(s, 0.8, asr=0.6, asr_net=net, attack="bpa", poison_rate=0.0045)
         r["curve"] = [{"step": 10, "samples": 160, "poisoned_seen": 1, "acc": 0.8, "asr": 0.6, "asr_net": net}]
         rows.append(r)
-    (p,) = effects.curves(rows, "sst2", "bpa", 0.0045, "lora")
+    (p,) = effects.curves(rows, "sst2", "bpa", 0.0045, effects.BASELINE)
     assert p["asr_net"] == pytest.approx(40.0) and p["asr_net_sd"] == pytest.approx(2 ** 0.5 * 10)
     assert p["asr"] == pytest.approx(60.0) and p["n"] == 3
