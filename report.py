@@ -411,13 +411,15 @@ def thm36_rows(root):
 
 def report_all(root):
     """Every results/<protocol>/results.jsonl's report, then results/verdicts.md."""
-    rows = {}
+    rows, compute = {}, []
     for protocol in sorted(os.listdir(root)):
         path = os.path.join(root, protocol, "results.jsonl")
         if os.path.isfile(path) and (runs := ledger.runs(path)):
             write_report(runs, os.path.join(root, protocol))
             rows[protocol] = effects.effects(runs)
-    text = verdicts(rows, thm36_rows(root) if "conv" in rows else ())
+            compute.append(f"- `{protocol}`: {compute_used(runs)}")
+    text = verdicts(rows, thm36_rows(root) if "conv" in rows else ()) + "\n\nCompute behind each column:\n\n" \
+        + "\n".join(compute)
     write_text(root, "verdicts.md", VERDICTS_HEAD + text)
     splice(os.path.join(root, "REPORT.md"), text)
     print(text)
@@ -441,6 +443,12 @@ def splice(path, table):
         return
     with open(path, "w") as f:
         f.write(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
+
+
+def compute_used(runs):
+    """The compute behind a results file: runs and the sum of their own wall times (train.py's wall_s)."""
+    seconds = sum(r.get("wall_s") or 0 for r in runs)
+    return f"{len(runs)} runs, {seconds / 3600:.1f} run-hours (each run's own wall time on this 2-core machine)"
 
 
 VERDICTS_HEAD = """# Verdicts at a glance

@@ -105,6 +105,11 @@ def test_splice_replaces_only_the_marked_table(tmp_path, capsys):
     assert unmarked.read_text() == "# a fork's report\n" and "no '<!-- verdicts" in capsys.readouterr().out
 
 
+def test_compute_used_sums_each_runs_wall_time():
+    import report
+    assert report.compute_used([{"wall_s": 1800.0}, {"wall_s": 5400.0}, {}]).startswith("3 runs, 2.0 run-hours")
+
+
 def test_thm36_rows_count_settings_over_all_their_draws(tmp_path):
     import report
     def pair(rank, ib_l, h_l, seed):  # FF: IB 10, H 2 at every alpha
