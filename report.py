@@ -446,7 +446,8 @@ def splice(path, table):
 
 
 def compute_used(runs):
-    """The compute behind a results file: runs and the sum of their own wall times (train.py's wall_s)."""
+    """The compute behind a results file: runs and the sum of their own wall times (train.py's wall_s; a run resumed
+    before 2026-11-30 counts only its last process's time, as its checkpoints did not record the time before)."""
     seconds = sum(r.get("wall_s") or 0 for r in runs)
     return f"{len(runs)} runs, {seconds / 3600:.1f} run-hours (each run's own wall time on this 2-core machine)"
 

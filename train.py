@@ -119,6 +119,8 @@ class Run:
     evals: list = field(default_factory=list)   # the evaluations so far: the curve
     poisoned_seen: int = 0   # poisoned samples the steps done drew (a row drawn twice counts twice)
     saved: int = 0           # the step of the checkpoint on disk (0: none)
+    seconds: float = 0.0     # training time of the steps before this process (the checkpoint's), up to that step
+    t0: float = 0.0          # when this process began training
     updating: bool = False   # inside an optimizer update, when the state is no checkpoint's
 
     @property
@@ -136,6 +138,10 @@ class Run:
 
     def path(self, name):
         return os.path.join(self.args.out, name)
+
+    def elapsed(self):
+        """The run's training time so far, across resumes: the checkpoint's, plus this process's."""
+        return self.seconds + time.time() - self.t0
 
 
 # -----------------------------------------------------------------------------
@@ -244,6 +250,7 @@ def setup(args, rank, world, device):
         net.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["optimizer"])
         run.step, run.evals, run.losses = ck["step"], ck["evals"], ck["train_loss"]
+        run.seconds = ck.get("seconds", 0.0)  # checkpoints before 2026-11-30 did not record it
         run.saved = run.step
     run.poisoned_seen = poisoned_seen(run.step, len(train_set), args, poisoned)
     return run
@@ -264,13 +271,13 @@ def train(run):
         if run.master:
             begin(run)
         bar = progress_bar(run)
-        t0, start = time.time(), run.step
+        run.t0, start = time.time(), run.step
         for step in range(run.step, args.steps):
             train_step(run, step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{run.losses[-1]:.4f}", lr=f"{lr_at(step, args):.2e}",
-                                samples_s=f"{(run.step - start) * args.batch_size / (time.time() - t0):.1f}")
+                                samples_s=f"{(run.step - start) * args.batch_size / (time.time() - run.t0):.1f}")
             if run.master and due(args.eval_every, run.step, args.steps):
                 evaluate_now(run, bar)
             if due(args.ckpt_every, run.step, args.steps):
@@ -278,10 +285,9 @@ def train(run):
                     write_checkpoint(run)
                 if run.world > 1:
                     dist.barrier()
-        wall = time.time() - t0
         if bar is not None:
             bar.close()
-        return finish(run, wall, (run.step - start) * args.batch_size) if run.master else None
+        return finish(run, (run.step - start) * args.batch_size) if run.master else None
     except (Exception, KeyboardInterrupt) as err:
         stop(run, err)
     finally:
@@ -362,22 +368,26 @@ def begin(run):
 def write_checkpoint(run):
     """Atomic: a kill leaves the old checkpoint or the new one, never half of one."""
     state = {"model": trainable_state(run.net), "optimizer": run.opt.state_dict(), "step": run.step,
-             "evals": run.evals, "train_loss": run.losses}
+             "evals": run.evals, "train_loss": run.losses, "seconds": run.elapsed()}
     torch.save(state, run.path("ckpt.pt.tmp"))
     os.replace(run.path("ckpt.pt.tmp"), run.path("ckpt.pt"))
     run.saved = run.step
 
 
-def finish(run, wall, seen):
+def finish(run, seen):
     """The final evaluation on the whole dev set, then the weights, the results line, and metrics.json last (it marks
-    the run finished, so a failure before it leaves a run that --resume finishes); then the checkpoint goes."""
+    the run finished, so a failure before it leaves a run that --resume finishes); then the checkpoint goes. wall_s
+    is the whole run's training time across resumes (steps redone after a kill count once), process_wall_s this
+    process's, which `seen` samples took."""
     args = run.args
+    process_wall = time.time() - run.t0  # both without the final evaluation, as wall_s always was
+    wall = run.seconds + process_wall
     final = evaluate.evaluate(run.net, run.tokenizer, run.dev, **eval_kw(run))
     evals = run.evals + [curve_point(run, final)]
     save_weights(run.net, args)
     append_result(args, runspec.run_config(args), final, run.counts, wall, evals)
     metrics = {"final": final, "evals": evals, "train_loss": run.losses, "wall_s": wall,
-               "samples_per_s": seen / wall if wall else None}
+               "process_wall_s": process_wall, "samples_per_s": seen / process_wall if process_wall else None}
     atomic_json(run.path("metrics.json"), metrics)
     if not args.keep_ckpt and os.path.isfile(run.path("ckpt.pt")):
         os.remove(run.path("ckpt.pt"))

@@ -91,12 +91,14 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_setup, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    before = torch.load(out / "ckpt.pt", weights_only=True)["seconds"]  # the killed process's time to its checkpoint
     resumed = run_cli(base_args(tiny_setup, out, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout
     a, b = metrics(tmp_path / "full"), metrics(out)
     assert a["train_loss"] == b["train_loss"]  # bitwise, CPU fp32
     assert a["final"] == b["final"]
+    assert before > 0 and b["wall_s"] == pytest.approx(before + b["process_wall_s"])  # time adds up across resumes
 
 
 def _train_in_process(tiny_setup, out, *extra):
