@@ -140,8 +140,8 @@ class Run:
         return os.path.join(self.args.out, name)
 
     def elapsed(self):
-        """The run's training time so far, across resumes: the checkpoint's, plus this process's."""
-        return self.seconds + time.time() - self.t0
+        """The run's training time so far, across resumes: the checkpoint's, plus this process's (if it began)."""
+        return self.seconds + (time.time() - self.t0 if self.t0 else 0.0)
 
 
 # -----------------------------------------------------------------------------
