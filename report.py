@@ -43,7 +43,6 @@ def group_runs(runs):
     return groups
 
 
-
 # -----------------------------------------------------------------------------
 # the table of every setting
 

@@ -164,8 +164,8 @@ def resolve(flags):
     return runspec.run_config(args)
 
 
-def done_keys(results):
-    return {runspec.run_key(r["config"]) for r in ledger.runs(results)} if os.path.isfile(results) else set()
+def finished_runs(results):
+    return ledger.runs(results) if os.path.isfile(results) else []
 
 
 def run_name(figure, flags, seed):
@@ -206,11 +206,13 @@ def main(argv=None):
     with cli.usage_errors():  # every check, and every planned run's flags, before a run starts
         p, stages, figures, results, runs_dir = check_args(args)
         # one sweep at a time in a runs folder: a second (say, a restarted one) would start the same runs
-        lock = None if args.print or args.estimate else cli.own_folder(runs_dir, "--runs-dir")  # noqa: F841 (held until the end)
+        planning = args.print or args.estimate
+        lock = None if planning else cli.own_folder(runs_dir, "--runs-dir")  # noqa: F841 (held until the end)
         seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
         extra = [f for flag, value in (("--model", args.model), ("--data-dir", args.data_dir)) if value
                  for f in (flag, value)]
-        done, pending, seen = done_keys(results), [], set()
+        finished = finished_runs(results)
+        done, pending, seen = {runspec.run_key(r["config"]) for r in finished}, [], set()
         order = [(stage, seed) for stage, n in stages for seed in seeds[:n]]
         # headline figures first, one seed at a time
         for stage, seed in order:
@@ -223,7 +225,7 @@ def main(argv=None):
                         pending.append((run_name(figure, flags, seed), flags))
     print(f"{args.figure} ({args.protocol}): {len(pending)} runs pending, {len(done)} in {results}", file=sys.stderr)
     if args.estimate:
-        print("\n".join(estimate(pending, ledger.runs(results) if os.path.isfile(results) else [], args.jobs)))
+        print("\n".join(estimate(pending, finished, args.jobs)))
         return
     if args.print:
         for name, flags in pending:
@@ -287,12 +289,13 @@ def estimate(pending, finished, jobs):
         cost = c["steps"] * known[0][0] / known[0][1] if known else None
         figures.setdefault(name.split(os.sep)[0], []).append(cost)
     lines = [f"estimated from {len(finished)} finished runs' seconds per step (task, mode; LoRA also rank and init):"]
+    total = 0.0
     for figure, costs in figures.items():
-        unknown = sum(c is None for c in costs)
-        lines.append(f"  {figure:<12} {len(costs):>4} runs {sum(c for c in costs if c):>10,.0f} run-s"
-                     + (f" ({unknown} with no finished run to go by)" if unknown else ""))
-    total = sum(c for costs in figures.values() for c in costs if c)
-    lines.append(f"  {'total':<12} {sum(map(len, figures.values())):>4} runs {total:>10,.0f} run-s: about "
+        known = [c for c in costs if c is not None]
+        total += sum(known)
+        lines.append(f"  {figure:<12} {len(costs):>4} runs {sum(known):>10,.0f} run-s"
+                     + (f" ({len(costs) - len(known)} with no finished run to go by)" if len(known) < len(costs) else ""))
+    lines.append(f"  {'total':<12} {len(pending):>4} runs {total:>10,.0f} run-s: about "
                  f"{total / jobs / 3600:.1f} h of wall time at --jobs {jobs}")
     return lines
 

@@ -380,8 +380,8 @@ def finish(run, seen):
     is the whole run's training time across resumes (steps redone after a kill count once), process_wall_s this
     process's, which `seen` samples took."""
     args = run.args
-    process_wall = time.time() - run.t0  # both without the final evaluation, as wall_s always was
-    wall = run.seconds + process_wall
+    wall = run.elapsed()  # without the final evaluation, as wall_s always was
+    process_wall = wall - run.seconds
     final = evaluate.evaluate(run.net, run.tokenizer, run.dev, **eval_kw(run))
     evals = run.evals + [curve_point(run, final)]
     save_weights(run.net, args)
