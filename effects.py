@@ -28,6 +28,7 @@ import stats
 ARM_FIELDS = ("mode", "lr", *runspec.LORA_ONLY, "attack", "poison_rate", "poison_pool", "trigger", "target_label", "seed")
 BASELINE = dict(mode="lora", rank=8, alpha=16.0, rslora=False, init="kaiming_uniform", init_scale=1 / 3)
 DELTA = {"acc": 2.0, "asr": 5.0}  # the 'no effect' margins, in points (REPORT.md)
+CEILING = 90.0  # ASR (points) at or above which, in every paired run of a contrast, the contrast shows saturation
 # the paper's effect sizes where its text gives one (its figures are not in our copy): F1 from its 5-seed SST-2
 # numbers at UPA 0.3 (91.3 vs 90.8), F2 from "up to 30% improvement"; otherwise a reference effect of 2 x delta
 PAPER_EFFECT = {"F1": 0.5, "F2": 30.0}
@@ -71,13 +72,19 @@ def asr(r, net=False):
     return 100 * m["asr_net"] if net else 100 * m["asr"]
 
 
-def _row(finding, task, condition, what, diffs, sign, unit):
+def _row(finding, task, condition, what, diffs, sign, unit, saturated=False):
     if len(diffs) < 2:  # fewer than two paired seeds: no interval to report
         return None
     e = stats.effect(diffs, paper_sign=sign, delta=DELTA[unit])
     ref = PAPER_EFFECT.get(finding, 2 * DELTA[unit])
     need = stats.seeds_needed(ref, e["sd"]) if e["n"] > 1 and e["sd"] > 0 else None
-    return dict(finding=finding, task=task, condition=condition, what=what, ref=ref, seeds_needed=need, **e)
+    return dict(finding=finding, task=task, condition=condition, what=what, ref=ref, seeds_needed=need,
+                saturated=saturated, **e)
+
+
+def _saturated(arms, net=False):
+    """Whether every paired run of an ASR contrast is at the ceiling: its 'no effect' is then saturation."""
+    return all(v >= CEILING for v in _paired(arms, lambda s: min(asr(r, net) for r in s.values())))
 
 
 def _paired(arms, value):
@@ -122,10 +129,11 @@ def _f2(group, task):
         arms = dict(f=pick(group, mode="ff", attack="bpa", poison_rate=rate),
                     l=pick(group, **BASELINE, attack="bpa", poison_rate=rate))
         out.append(_row("F2", task, f"BPA {100 * rate:g}%", "ASR FF - LoRA",
-                        _paired(arms, lambda s: asr(s["f"]) - asr(s["l"])), +1, "asr"))
+                        _paired(arms, lambda s: asr(s["f"]) - asr(s["l"])), +1, "asr", _saturated(arms)))
         if all("asr_net" in r["metrics"] for a in arms.values() for r in a.values()):
             out.append(_row("F2", task, f"BPA {100 * rate:g}%", "net ASR FF - LoRA",
-                            _paired(arms, lambda s: asr(s["f"], True) - asr(s["l"], True)), +1, "asr"))
+                            _paired(arms, lambda s: asr(s["f"], True) - asr(s["l"], True)), +1, "asr",
+                            _saturated(arms, True)))
     return out
 
 
@@ -153,7 +161,7 @@ def _sweep(group, task, finding):
         for rate in _rates(lora, "bpa"):
             arms = dict(l=at(lo, attack="bpa", poison_rate=rate), h=at(hi, attack="bpa", poison_rate=rate))
             out.append(_row(finding, task, f"BPA {100 * rate:g}%, {tag}", f"ASR({hi:g}) - ASR({lo:g})",
-                            _paired(arms, lambda s: asr(s["h"]) - asr(s["l"])), +1, "asr"))
+                            _paired(arms, lambda s: asr(s["h"]) - asr(s["l"])), +1, "asr", _saturated(arms)))
     return out
 
 
@@ -178,7 +186,8 @@ def _zoo(group, task):
                 if net and not all("asr_net" in r["metrics"] for a in arms.values() for r in a.values()):
                     continue
                 out.append(_row("zoo", task, f"{init}, BPA {100 * rate:g}%", ("net " if net else "") + "ASR init - baseline",
-                                _paired(arms, lambda s: asr(s["x"], net) - asr(s["b"], net)), +1, "asr"))
+                                _paired(arms, lambda s: asr(s["x"], net) - asr(s["b"], net)), +1, "asr",
+                                _saturated(arms, net)))
     return out
 
 
@@ -334,6 +343,9 @@ def draw_zoo(measured, targets, predictors, path):
 # -----------------------------------------------------------------------------
 # output
 
+SATURATED = f" (saturated: every run >= {CEILING:g}% ASR)"
+
+
 def markdown(rows):
     head = "| finding | task | condition | effect (points) | mean | 95% CI | n | verdict | seeds for the reference effect |"
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
@@ -341,6 +353,7 @@ def markdown(rows):
         need = "-" if r["verdict"] != "inconclusive" else (
             f"{r['seeds_needed']} (for {r['ref']:g})" if r["seeds_needed"] else f"> 1000 (for {r['ref']:g})")
         verdict = r["verdict"] if r["finding"] != "zoo" else {"replicated": "higher", "opposite": "lower"}.get(r["verdict"], r["verdict"])
+        verdict += SATURATED if r["saturated"] else ""
         lines.append(f"| {r['finding']} | {r['task']} | {r['condition']} | {r['what']} | {r['mean']:+.2f} | "
                      f"[{r['lo']:+.2f}, {r['hi']:+.2f}] | {r['n']} | {verdict} | {need} |")
     return "\n".join(lines)

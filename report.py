@@ -363,7 +363,8 @@ def headline_cell(rows, finding, task, cond, what):
     if not hits:
         return "not run yet"
     r = hits[0]
-    return f"{cond.split(',')[0]}: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}], n={r['n']}, **{r['verdict']}**"
+    return f"{cond.split(',')[0]}: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}], n={r['n']}, **{r['verdict']}**" \
+        + (effects.SATURATED if r["saturated"] else "")
 
 
 def verdicts(protocol_rows, extra_rows=()):

@@ -54,6 +54,23 @@ def test_f2_raw_and_net_by_hand():
     assert f2["ASR FF - LoRA"]["condition"] == "BPA 0.45%"
 
 
+def test_asr_contrast_at_the_ceiling_is_marked_saturated():
+    import report
+    def f2(lora_asrs):
+        rows = []
+        for s, (f, l) in enumerate(zip((0.97, 0.96, lora_asrs[-1]), lora_asrs)):  # FF - LoRA: 1, 2, 0
+            rows += [run(s, 0.8, asr=f, asr_net=f, attack="bpa", poison_rate=0.0045, **FF),
+                     run(s, 0.8, asr=l, asr_net=l, attack="bpa", poison_rate=0.0045)]
+        return effects.effects(rows)
+    rows = f2((0.96, 0.94, 0.90))  # every paired run at >= 90% ASR: the contrast measures the ceiling
+    assert all(r["saturated"] for r in rows if r["finding"] == "F2")
+    cell = report.headline_cell(rows, "F2", "sst2", "BPA 0.45%", "ASR FF - LoRA")
+    assert cell.endswith("**no effect** (saturated: every run >= 90% ASR)")
+    rows = f2((0.96, 0.94, 0.89))  # one seed's runs below the ceiling: not saturation
+    assert not any(r["saturated"] for r in rows if r["finding"] == "F2")
+    assert "saturated" not in effects.markdown(rows)
+
+
 def test_f3_rank_contrast_uses_the_extremes():
     rows = []
     for s in range(3):
