@@ -9,6 +9,7 @@ configuration repeated over seeds is one row however many machines' files were c
 function of the runs (or of their groups) that returns text or draws one figure; write_report puts them together.
 """
 import json
+import math
 import os
 from collections import defaultdict
 
@@ -112,6 +113,8 @@ def figure_data(groups, spec):
         series = cfg[spec["series"]]
         if spec["series"] == "attack":  # rank/variance sweeps: one band per (attack, rate)
             series = "clean" if series == "none" else f"{series} {cfg['poison_rate']:g}"
+        if cfg["mode"] == "lora" and cfg.get("rslora"):  # alpha/sqrt(r) is another sweep, never pooled with alpha/r
+            series = f"{series} rsLoRA"
         for panel in spec["panels"]:
             vals = [m[panel] for m in ms if panel in m]
             if vals:
@@ -126,7 +129,8 @@ def figure_data(groups, spec):
 def figure_table(data_, spec):
     """One figure's or table's numbers as Markdown: a row per x value, a column per (metric, series), in % ("mean ±
     std (n seeds)"); what REPORT.md quotes."""
-    cols = [(p, s) for p in spec["panels"] if p in data_ for s in sorted(data_[p], key=lambda s: (s != "clean", s))]
+    order = lambda s: (s.endswith("rsLoRA"), not s.startswith("clean"), s)  # per scaling: clean, then the attacks
+    cols = [(p, s) for p in spec["panels"] if p in data_ for s in sorted(data_[p], key=order)]
     cell = lambda m, sd, n: "%.1f ± %.1f (%d)" % (100 * m, 100 * sd, n) if n > 1 else "%.1f (1)" % (100 * m)
     cells = {(p, s, x): cell(m, sd, n) for p, s in cols for x, m, sd, n in data_[p][s]}
     xs = sorted({x for p, s, x in cells})
@@ -173,7 +177,8 @@ def pairs(runs, attack):
 
 
 def _default_lora(c):
-    return c["mode"] == "ff" or (c["rank"] == 8 and c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6)
+    return c["mode"] == "ff" or (c["rank"] == 8 and c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6
+                                 and not c.get("rslora"))
 
 
 def _rounded_default_k(k):
@@ -206,23 +211,33 @@ def findings(runs):
     for name, key, keep in (("F3 (rank)", "rank", lambda c: c["init"] == "kaiming_uniform" and abs(c["init_scale"] - 1 / 3) < 1e-6),
                             ("F4 (A-init variance k)", "init_scale", lambda c: c["init"] == "kaiming_uniform" and c["rank"] == 8
                              and not _rounded_default_k(c["init_scale"]))):
-        lora_runs = [r for r in runs if r["config"]["mode"] == "lora" and keep(r["config"])]
-        upa = [(b["config"]["poison_rate"], b["config"]["seed"], b["config"][key],
-                a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"]) for a, b in pairs(lora_runs, "upa")]
-        bpa = [(r["config"]["poison_rate"], r["config"]["seed"], r["config"][key], r["metrics"]["asr"])
-               for r in lora_runs if r["config"]["attack"] == "bpa"]
-        for what, pts in (("UPA accuracy drop", upa), ("BPA ASR", bpa)):
-            for rate in sorted({p[0] for p in pts}):  # one correlation per poisoning rate, where the sweep varied `key`
-                xy = [p[2:] for p in pts if p[0] == rate]
-                if len({x for x, _ in xy}) >= 3:
-                    # within one seed only the swept value changes (same data order and poison; in the k sweep, the same A up to scale)
-                    per_seed = {sd: [p[2:] for p in pts if p[:2] == (rate, sd)] for sd in sorted({p[1] for p in pts})}
-                    within = ", ".join(f"seed {sd} {stats.spearman(*zip(*v)):+.2f}" for sd, v in per_seed.items()
-                                       if len({x for x, _ in v}) >= 3)
-                    out.append(f"{name}: Spearman of {key} with {what} at rate {rate:g}: "
-                               f"{stats.spearman(*zip(*xy)):+.2f} (n={len(xy)} runs, {len({x for x, _ in xy})} values); "
-                               f"within seeds: {within}")
+        for rslora in sorted({r["config"].get("rslora", False) for r in runs if r["config"]["mode"] == "lora"}):
+            lora_runs = [r for r in runs if r["config"]["mode"] == "lora" and keep(r["config"])
+                         and r["config"].get("rslora", False) == rslora]
+            out += _sweep_correlations(name + (" with rsLoRA" if rslora else ""), key, lora_runs)
     return "\n".join(out)
+
+
+def _sweep_correlations(name, key, lora_runs):
+    """Lines of Spearman's rho of a swept LoRA setting (rank or k) with the UPA drop and the BPA ASR, per poisoning
+    rate: pooled over seeds and within each seed (where only the swept value changes: same data order and poison;
+    in the k sweep, the same A up to scale)."""
+    rho = lambda xy: "undefined (one value)" if math.isnan(r := stats.spearman(*zip(*xy))) else f"{r:+.2f}"
+    upa = [(b["config"]["poison_rate"], b["config"]["seed"], b["config"][key],
+            a["metrics"]["clean"]["acc"] - b["metrics"]["clean"]["acc"]) for a, b in pairs(lora_runs, "upa")]
+    bpa = [(r["config"]["poison_rate"], r["config"]["seed"], r["config"][key], r["metrics"]["asr"])
+           for r in lora_runs if r["config"]["attack"] == "bpa"]
+    out = []
+    for what, pts in (("UPA accuracy drop", upa), ("BPA ASR", bpa)):
+        for rate in sorted({p[0] for p in pts}):  # one correlation per poisoning rate, where the sweep varied `key`
+            xy = [p[2:] for p in pts if p[0] == rate]
+            if len({x for x, _ in xy}) < 3:
+                continue
+            per_seed = {sd: [p[2:] for p in pts if p[:2] == (rate, sd)] for sd in sorted({p[1] for p in pts})}
+            within = ", ".join(f"seed {sd} {rho(v)}" for sd, v in per_seed.items() if len({x for x, _ in v}) >= 3)
+            out.append(f"{name}: Spearman of {key} with {what} at rate {rate:g}: {rho(xy)} "
+                       f"(n={len(xy)} runs, {len({x for x, _ in xy})} values); within seeds: {within}")
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -24,9 +24,9 @@ def test_metrics_degenerate_cases():
         E.classification_metrics([1], [1, 0])
 
 
-def _line(seed, acc, mode="lora", attack="upa", rate=0.1, rank=8, asr=None):
+def _line(seed, acc, mode="lora", attack="upa", rate=0.1, rank=8, asr=None, rslora=False):
     cfg = dict(task="sst2", mode=mode, rank=rank, init="kaiming_uniform", init_scale=1 / 3, attack=attack,
-               poison_rate=rate, seed=seed, steps=10)
+               poison_rate=rate, seed=seed, steps=10, rslora=rslora)
     clean = dict(acc=acc, precision=acc, recall=1.0, f1=0.5, n=100)
     metrics = {"clean": clean}
     if asr is not None:
@@ -95,3 +95,33 @@ def test_findings_effect_sizes_by_hand(tmp_path):
     fig4 = R.figure_data(R.group_runs(ledger.runs(path)), R.FIGURE_SPECS["fig4"])
     assert list(fig4["asr"]) == ["bpa 0.01"] and [p[0] for p in fig4["asr"]["bpa 0.01"]] == [4, 8, 16]
     assert "upa 0.1" not in fig4.get("clean_acc", {})
+
+
+def test_rslora_rank_sweep_is_its_own_band_and_correlation(tmp_path):
+    # alpha/r: ASR rises with the rank; rsLoRA: it falls. Pooled, the two sweeps would share x values and cancel.
+    lines = [_line(0, 0.9, attack="bpa", rate=0.01, rank=r, asr=a) for r, a in ((4, 0.1), (8, 0.2), (64, 0.3))]
+    lines += [_line(0, 0.9, attack="bpa", rate=0.01, rank=r, asr=a, rslora=True) for r, a in ((4, 0.6), (64, 0.5), (384, 0.4))]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    text = R.findings(ledger.runs(path))
+    assert "F3 (rank): Spearman of rank with BPA ASR at rate 0.01: +1.00 (n=3 runs, 3 values)" in text
+    assert "F3 (rank) with rsLoRA: Spearman of rank with BPA ASR at rate 0.01: -1.00 (n=3 runs, 3 values)" in text
+    fig4 = R.figure_data(R.group_runs(ledger.runs(path)), R.FIGURE_SPECS["fig4"])["asr"]
+    assert [(x, round(m, 2)) for x, m, *_ in fig4["bpa 0.01"]] == [(4, 0.1), (8, 0.2), (64, 0.3)]
+    assert [(x, round(m, 2)) for x, m, *_ in fig4["bpa 0.01 rsLoRA"]] == [(4, 0.6), (64, 0.5), (384, 0.4)]
+
+
+def test_f2_pairs_ff_with_the_alpha_over_r_default_only(tmp_path):
+    lines = [_line(0, 0.9, mode="ff", attack="bpa", rate=0.01, asr=0.5), _line(0, 0.9, attack="bpa", rate=0.01, asr=0.2),
+             _line(0, 0.9, attack="bpa", rate=0.01, asr=0.4, rslora=True)]  # rank 8 with rsLoRA: not the default arm
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert "- bpa rate 0.01: +30.00 ± 0.00 (n=1)" in R.findings(ledger.runs(path))
+
+
+def test_spearman_of_a_constant_target_reads_undefined(tmp_path):
+    lines = [_line(0, 0.9, attack="bpa", rate=0.01, rank=r, asr=1.0) for r in (4, 8, 64)]  # every rank at 100% ASR
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert "with BPA ASR at rate 0.01: undefined (one value) (n=3 runs, 3 values); within seeds: seed 0 undefined" \
+        in R.findings(ledger.runs(path))
