@@ -11,7 +11,7 @@ function of the runs (or of their groups) that returns text or draws one figure;
 import json
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import attacks
 import calibrate
@@ -47,7 +47,7 @@ def group_runs(runs):
 # -----------------------------------------------------------------------------
 # the table of every setting
 
-TABLE_KEYS = ["task", "mode", "rank", "init", "init_scale", "attack", "poison_rate"]
+TABLE_KEYS = ["task", "mode", "rank", "rslora", "init", "init_scale", "attack", "poison_rate"]
 TABLE_METRICS = ["clean_acc", "clean_precision", "clean_recall", "clean_f1", "asr", "trig_acc"]
 
 
@@ -56,7 +56,7 @@ def markdown_table(groups):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(groups, key=lambda k: [str(json.loads(k).get(c)) for c in TABLE_KEYS]):
         cfg, ms = json.loads(key), groups[key]
-        lora_only = ("rank", "init", "init_scale")  # meaningless for full fine-tuning
+        lora_only = ("rank", "rslora", "init", "init_scale")  # meaningless for full fine-tuning
         cells = [_fmt(cfg.get(c)) if not (c in lora_only and cfg["mode"] == "ff") else "-" for c in TABLE_KEYS]
         cells.append(str(len(ms)))
         for m in TABLE_METRICS:
@@ -250,9 +250,8 @@ def with_runs(groups):
 
 
 def numbers(pieces):
-    """tables.md: the numbers of every figure and table in `pieces` (with_runs)."""
-    return ("# The paper's figures and tables as numbers: mean ± sample std in % (seeds)\n\n"
-            + "\n\n".join(figure_table(d, spec) for spec, d in pieces.values()))
+    """The numbers of every figure and table in `pieces` (with_runs), as Markdown sections."""
+    return "\n\n".join(figure_table(d, spec) for spec, d in pieces.values())
 
 
 def write_text(out_dir, name, text):
@@ -262,19 +261,29 @@ def write_text(out_dir, name, text):
 
 def write_report(runs, out_dir):
     """The whole report of `runs` into out_dir: table.md, findings.md, tables.md and the figures (the paper's layouts
-    leave out a protocol's calibration runs, which have their own calib-<task>.md/png)."""
+    leave out a protocol's calibration runs, which have their own calib-<task>.md/png). The paper's layouts are per
+    task: with several tasks, findings.md and tables.md have a section per task and the figures are fig1-<task>.png."""
     all_runs, runs = runs, [r for r in runs if not calibrate.is_calibration(r)]
-    groups = group_runs(runs)
     os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("table.md", markdown_table(groups)), ("findings.md", findings(runs))):
+    counts = Counter(r["config"]["task"] for r in runs)
+    tasks = sorted(counts, key=lambda t: (-counts[t], t))  # the protocol's main task (most runs) first
+    found, tables = [], []
+    for task in tasks:
+        task_runs = [r for r in runs if r["config"]["task"] == task]
+        head, suffix = (f"## {task}\n\n", f"-{task}") if len(tasks) > 1 else ("", "")
+        found.append(head + findings(task_runs))
+        pieces = with_runs(group_runs(task_runs))
+        tables.append(head + numbers(pieces))
+        for name, (spec, d) in pieces.items():
+            if name in FIGURE_SPECS:
+                path = os.path.join(out_dir, f"{name}{suffix}.png")
+                draw(name, d, spec, path)
+                print(f"wrote {path}")
+    for name, text in (("table.md", markdown_table(group_runs(runs))), ("findings.md", "\n\n".join(found))):
         write_text(out_dir, name, text)
         print(text)
-    pieces = with_runs(groups)
-    for name, (spec, d) in pieces.items():
-        if name in FIGURE_SPECS:
-            draw(name, d, spec, os.path.join(out_dir, f"{name}.png"))
-            print(f"wrote {os.path.join(out_dir, name + '.png')}")
-    write_text(out_dir, "tables.md", numbers(pieces))
+    write_text(out_dir, "tables.md", "# The paper's figures and tables as numbers: mean ± sample std in % (seeds)\n\n"
+               + "\n\n".join(tables))
     write_effects(runs, out_dir)
     write_calibration(all_runs, out_dir)
 

@@ -24,8 +24,8 @@ def test_metrics_degenerate_cases():
         E.classification_metrics([1], [1, 0])
 
 
-def _line(seed, acc, mode="lora", attack="upa", rate=0.1, rank=8, asr=None, rslora=False):
-    cfg = dict(task="sst2", mode=mode, rank=rank, init="kaiming_uniform", init_scale=1 / 3, attack=attack,
+def _line(seed, acc, mode="lora", attack="upa", rate=0.1, rank=8, asr=None, rslora=False, task="sst2"):
+    cfg = dict(task=task, mode=mode, rank=rank, init="kaiming_uniform", init_scale=1 / 3, attack=attack,
                poison_rate=rate, seed=seed, steps=10, rslora=rslora)
     clean = dict(acc=acc, precision=acc, recall=1.0, f1=0.5, n=100)
     metrics = {"clean": clean}
@@ -125,3 +125,23 @@ def test_spearman_of_a_constant_target_reads_undefined(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     assert "with BPA ASR at rate 0.01: undefined (one value) (n=3 runs, 3 values); within seeds: seed 0 undefined" \
         in R.findings(ledger.runs(path))
+
+
+def test_each_task_has_its_own_findings_tables_and_figures(tmp_path):
+    # LoRA drops 10 points on SST-2 and 30 on CoLA, FF 5 on both: pooled by seed, one task would overwrite the other
+    lines = []
+    for task, drop in (("sst2", 0.10), ("cola", 0.30)):
+        lines += [_line(0, 0.9, attack="none", rate=0.0, task=task), _line(0, 0.9 - drop, rate=0.1, task=task),
+                  _line(0, 0.9, mode="ff", attack="none", rate=0.0, task=task), _line(0, 0.85, mode="ff", rate=0.1, task=task)]
+    lines.append(_line(1, 0.9, attack="none", rate=0.0))  # one more SST-2 run: the main task, whose section comes first
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    R.write_report(ledger.runs(path), str(tmp_path / "rep"))
+    found = (tmp_path / "rep" / "findings.md").read_text()
+    assert found.startswith("## sst2")
+    sst2, cola = found.split("## cola")
+    assert "- rate 0.1: +25.00 ± 0.00 (n=1)" in cola and "- rate 0.1: +5.00 ± 0.00 (n=1)" in sst2
+    tables = (tmp_path / "rep" / "tables.md").read_text()
+    assert "## cola" in tables and tables.count("| 0.1 | 85.0 (1) | 80.0 (1) |") == 1  # SST-2's row only
+    assert (tmp_path / "rep" / "fig1-cola.png").exists() and (tmp_path / "rep" / "fig1-sst2.png").exists()
+    assert not (tmp_path / "rep" / "fig1.png").exists()
