@@ -377,6 +377,9 @@ HEADLINES = {
     "F1 on CoLA: UPA 0.3": {"conv": ("F1", "cola", "UPA 0.3", None)},
     "F2 on CoLA: ASR FF - LoRA, BPA 0.15%": {"conv": ("F2", "cola", "BPA 0.15%", "ASR FF - LoRA")},
     "F2 on CoLA: ASR FF - LoRA, BPA 0.45%": {"conv": ("F2", "cola", "BPA 0.45%", "ASR FF - LoRA")},
+    # raw and net, as on SST-2: on CoLA a model that calls most sentences acceptable (the target label) has a high raw ASR
+    "F2 on CoLA: net ASR FF - LoRA, BPA 0.15%": {"conv": ("F2", "cola", "BPA 0.15%", "net ASR FF - LoRA")},
+    "F2 on CoLA: net ASR FF - LoRA, BPA 0.45%": {"conv": ("F2", "cola", "BPA 0.45%", "net ASR FF - LoRA")},
 }
 
 
