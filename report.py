@@ -123,6 +123,13 @@ def figure_data(groups, spec):
     # runs at other rates) have fewer than 3 x values there and are left out
     keep = 3 if spec["series"] == "attack" else 1
     kept = {p: {s: sorted(pts) for s, pts in series.items() if len({x for x, *_ in pts}) >= keep} for p, series in out.items()}
+    for series in kept.values():
+        for s, pts in series.items():
+            xs = [x for x, *_ in pts]
+            if len(set(xs)) < len(xs):  # two settings would share a point and one would hide the other
+                raise ValueError(f"{spec['title']}: two settings put series {s!r} at the same {spec['x']} "
+                                 f"{sorted(x for x in xs if xs.count(x) > 1)[0]:g}; they differ in a field the figure "
+                                 f"does not show (as alpha/r and rsLoRA did): give them their own series in figure_data")
     return {p: series for p, series in kept.items() if series}
 
 
@@ -265,21 +272,21 @@ def write_report(runs, out_dir):
     task: with several tasks, findings.md and tables.md have a section per task and the figures are fig1-<task>.png."""
     all_runs, runs = runs, [r for r in runs if not calibrate.is_calibration(r)]
     os.makedirs(out_dir, exist_ok=True)
+    groups = group_runs(runs)
     counts = Counter(r["config"]["task"] for r in runs)
     tasks = sorted(counts, key=lambda t: (-counts[t], t))  # the protocol's main task (most runs) first
     found, tables = [], []
     for task in tasks:
-        task_runs = [r for r in runs if r["config"]["task"] == task]
         head, suffix = (f"## {task}\n\n", f"-{task}") if len(tasks) > 1 else ("", "")
-        found.append(head + findings(task_runs))
-        pieces = with_runs(group_runs(task_runs))
+        found.append(head + findings([r for r in runs if r["config"]["task"] == task]))
+        pieces = with_runs({k: ms for k, ms in groups.items() if json.loads(k)["task"] == task})
         tables.append(head + numbers(pieces))
         for name, (spec, d) in pieces.items():
             if name in FIGURE_SPECS:
                 path = os.path.join(out_dir, f"{name}{suffix}.png")
                 draw(name, d, spec, path)
                 print(f"wrote {path}")
-    for name, text in (("table.md", markdown_table(group_runs(runs))), ("findings.md", "\n\n".join(found))):
+    for name, text in (("table.md", markdown_table(groups)), ("findings.md", "\n\n".join(found))):
         write_text(out_dir, name, text)
         print(text)
     write_text(out_dir, "tables.md", "# The paper's figures and tables as numbers: mean ± sample std in % (seeds)\n\n"

@@ -145,3 +145,15 @@ def test_each_task_has_its_own_findings_tables_and_figures(tmp_path):
     assert "## cola" in tables and tables.count("| 0.1 | 85.0 (1) | 80.0 (1) |") == 1  # SST-2's row only
     assert (tmp_path / "rep" / "fig1-cola.png").exists() and (tmp_path / "rep" / "fig1-sst2.png").exists()
     assert not (tmp_path / "rep" / "fig1.png").exists()
+
+
+def test_two_settings_at_one_figure_point_is_an_error_not_a_hidden_run(tmp_path):
+    # two rank sweeps that differ only in a field Fig. 4 does not show (the learning rate): one would hide the other
+    lines = [_line(0, 0.9, attack="bpa", rate=0.01, rank=r, asr=0.5) for r in (4, 8, 64)]
+    other = [json.loads(_line(0, 0.9, attack="bpa", rate=0.01, rank=r, asr=0.7)) for r in (4, 8, 64)]
+    for d in other:
+        d["config"]["lr"] = 1e-3
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines + [json.dumps(d) for d in other]) + "\n")
+    with pytest.raises(ValueError, match="series 'bpa 0.01' at the same rank 4"):
+        R.figure_data(R.group_runs(ledger.runs(path)), R.FIGURE_SPECS["fig4"])
