@@ -30,8 +30,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # The two "-low" stages are a follow-up, added on 2026-11-29 after F1/F2's first two seeds showed BPA 0.45% saturating
 # both FF and LoRA r8 (ASR 99.8-100%): the rank, variance and init grids' BPA condition again at 0.15%, reported
 # beside the pre-registered 0.45% cells, never instead of them.
+# The zoo and its follow-up share one stage (2026-11-30, before any zoo run), so they run one seed at a time and a
+# partial zoo sweep holds every condition of its first seeds.
 CONV_STAGES = ((("calib",), 1), (("cola-calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola",), 3),
-               (("f34-low",), 3), (("zoo",), 3), (("zoo-low",), 3))
+               (("f34-low",), 3), (("zoo", "zoo-low"), 3))
 PROTOCOLS = {
     "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
                   common=["--batch-size", "8", "--steps", "10000", "--max-len", "512", "--train-cap", "17500"],

@@ -47,6 +47,19 @@ def test_conv_grids_and_the_low_bpa_follow_up(stub_glue):
     assert order.index("f34-low") > order.index("cola") and order.index("zoo-low") > order.index("zoo")
 
 
+def test_conv_plan_runs_the_zoo_one_seed_at_a_time(stub_glue, tmp_path, capsys):
+    """Every zoo condition (clean, UPA, BPA 0.45%, BPA 0.15%) of a seed is planned before the next seed's runs."""
+    (tmp_path / "glue" / "CoLA").mkdir()
+    for split in ("train", "dev"):
+        (tmp_path / "glue" / "CoLA" / f"{split}.tsv").write_text("")
+    sweep.main(["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"),
+                "--runs-dir", str(tmp_path / "runs")])
+    zoo = [line for line in capsys.readouterr().out.splitlines() if "/zoo" in line]
+    seeds = [int(line.split("--seed ")[1].split()[0]) for line in zoo]
+    assert len(zoo) == 3 * 4 * 6 and seeds == sorted(seeds)
+    assert sum("/zoo-low/" in line for line in zoo[:24]) == 6  # seed 0 has its BPA 0.15% runs
+
+
 def test_estimate_by_hand(stub_glue):
     flags = lambda task, mode, steps, *more: ["--task", task, "--mode", mode, "--steps", str(steps), *more, "--seed", "0"]
     finished = [{"config": sweep.resolve(f), "wall_s": w} for f, w in (
