@@ -221,14 +221,16 @@ def zoo_targets(upa, bpa_rates):
 
 
 def zoo_group(runs, task="sst2"):
-    """(runs, arms, zoo) of the zoo grid: the runs of its context, {init or 'ff': the arm's config values} (the
-    baseline first, FF last) and the non-baseline LoRA runs; ([], {}, []) where no other init has run."""
+    """(runs, arms, zoo) of the zoo grid: the runs of its context on the seeds the other inits ran, {init or 'ff': the
+    arm's config values} (the baseline first, FF last) and the non-baseline LoRA runs; ([], {}, []) where no other
+    init has run. The baseline and FF have more seeds (F1/F2's 5); only the zoo's seeds enter, so every init's mean is
+    over the same seeds, which share their data order."""
     runs = [r for r in runs if r["config"]["task"] == task]
     zoo = [r for r in runs if r["config"]["mode"] == "lora" and r["config"]["init"] != "kaiming_uniform"]
     if not zoo:
         return [], {}, []
-    main = _main_context(zoo)
-    group = [r for r in runs if context(r["config"]) == main]
+    main, seeds = _main_context(zoo), {r["config"]["seed"] for r in zoo}
+    group = [r for r in runs if context(r["config"]) == main and r["config"]["seed"] in seeds]
     base = {k: v for k, v in BASELINE.items() if k != "init"}
     inits = sorted({r["config"]["init"] for r in group if r["config"]["mode"] == "lora"}, key=lambda i: (i != "kaiming_uniform", i))
     return group, {**{i: dict(base, init=i) for i in inits}, "ff": dict(mode="ff")}, zoo

@@ -199,6 +199,16 @@ def test_zoo_measurements_by_hand():
     assert effects.zoo_measurements([r for r in zoo_runs() if r["config"]["init"] in ("kaiming_uniform", "gaussian")])[0] == {}
 
 
+def test_zoo_means_are_over_the_zoo_seeds_only():
+    """The baseline and FF have extra seeds (F1/F2 ran 5); a seed no other init ran must not enter their means."""
+    extra = [run(2, 0.50, init="kaiming_uniform"), run(2, 0.50, **FF),
+             run(2, 0.8, asr=1.0, asr_net=1.0, init="kaiming_uniform", attack="bpa", poison_rate=0.0045)]
+    measured, _ = effects.zoo_measurements(zoo_runs() + extra)
+    assert measured["kaiming_uniform"]["clean CACC"] == pytest.approx([86.0, 87.0])
+    assert measured["kaiming_uniform"]["ASR 0.45%"] == pytest.approx([30.0, 40.0])
+    assert measured["ff"]["clean CACC"] == pytest.approx([90.0, 90.0])
+
+
 def test_zoo_every_bpa_rate_is_a_target_highest_first():
     measured, targets = effects.zoo_measurements(zoo_runs(low_rate=True))
     assert [t["label"] for t in targets][2:] == ["ASR 0.45%", "net ASR 0.45%", "ASR 0.15%", "net ASR 0.15%"]
