@@ -298,17 +298,19 @@ def zoo_markdown(measured, targets, correlations, rows):
         for t in targets:
             v = values[t["label"]]
             e = paired.get((init + t["paired"][0], t["paired"][1]))
-            cells.append(("%.1f ± %.1f (n=%d)" % (*stats.mean_std(v), len(v)) if v else "-")
+            sd = " ± %.1f" % stats.mean_std(v)[1] if len(v) > 1 else ""  # one seed has no spread to show
+            cells.append((f"{sum(v) / len(v):.1f}{sd} (n={len(v)})" if v else "-")
                          + (f"; {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}]" if e else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| robustness | init-time quantity | predicted sign | rho | n inits | exact p | 95% bootstrap interval |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| robustness | init-time quantity | predicted sign | rho | n inits | fewest seeds | exact p | "
+              "95% bootstrap interval |", "|---|---|---|---|---|---|---|---|"]
     for c in correlations:
         sign = {1: "+", -1: "-", 0: "none"}[c["predicted"]]
+        head = f"| {c['target']} | {c['predictor']} | {sign} |"
         if math.isnan(c["rho"]):  # every init at one value (e.g. ASR at its 100% ceiling): no ranks to correlate
-            lines.append(f"| {c['target']} | {c['predictor']} | {sign} | - (all inits equal) | {c['n']} | - | - |")
+            lines.append(f"{head} - (all inits equal) | {c['n']} | {c['seeds']} | - | - |")
             continue
-        lines.append(f"| {c['target']} | {c['predictor']} | {sign} | {c['rho']:+.2f} | {c['n']} | {c['p']:.3f} | "
+        lines.append(f"{head} {c['rho']:+.2f} | {c['n']} | {c['seeds']} | {c['p']:.3f} | "
                      f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] |")
     return "\n".join(lines)
 

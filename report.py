@@ -331,8 +331,9 @@ its 95% t-interval (points). UPA drop = clean CACC - CACC under UPA, paired by s
 across the inits (seed means against the init-time quantities of `results/theory/inits.md`, means over draws), its
 exact two-sided permutation p-value, a 95% percentile bootstrap interval that resamples seeds and draws within
 each init (the measurement noise; it says nothing about the choice of inits), and the sign the paper's argument
-predicts (a kernel closer to FF's: more like FF, so a higher ASR and a smaller UPA drop). With 7 inits, p < 0.05 needs
-|rho| >= 0.79 (0.75 gives p = 0.066).
+predicts (a kernel closer to FF's: more like FF, so a higher ASR and a smaller UPA drop). "fewest seeds" is the
+smallest number of seeds behind one init's mean (with one seed the bootstrap resamples the draws only). With 7
+inits, p < 0.05 needs |rho| >= 0.79 (0.75 gives p = 0.066).
 
 """
 

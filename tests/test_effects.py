@@ -240,6 +240,11 @@ def test_zoo_markdown_and_figure(tmp_path):
     assert "65.0 ± 7.1 (n=2); +30.0 [+30.0, +30.0]" in pissa  # ASR 60, 70 against the baseline's 30, 40
     assert "32.5 ± 3.5 (n=2); +15.0 [+15.0, +15.0]" in pissa  # at 0.15%: half of that
     assert "| ff (reference) |" in text
+    one_seed = [r for r in runs if r["config"]["seed"] == 0]  # a partial zoo: no spread to show, and no paired interval
+    measured, targets = effects.zoo_measurements(one_seed)
+    text = effects.zoo_markdown(measured, targets, [], effects.effects(one_seed))
+    (pissa,) = [line for line in text.splitlines() if line.startswith("| pissa")]
+    assert "| 60.0 (n=1) |" in pissa and "±" not in pissa and "[" not in pissa
     effects.draw_zoo(measured, targets, predictors, str(tmp_path / "zoo.png"))
     assert (tmp_path / "zoo.png").stat().st_size > 10_000
 
@@ -270,7 +275,7 @@ def test_zoo_ceiling_has_no_correlation_to_report():
     measured, targets = effects.zoo_measurements(runs)
     predictors = effects.zoo_predictors(theory_rows(MISALIGN))
     text = effects.zoo_markdown(measured, targets, effects.zoo_correlations(measured, targets, predictors), [])
-    assert "| ASR 0.45% | IB | + | - (all inits equal) | 4 | - | - |" in text
+    assert "| ASR 0.45% | IB | + | - (all inits equal) | 4 | 2 | - | - |" in text
 
 
 def test_curves_net_asr_skips_undefined_points():
