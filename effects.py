@@ -451,7 +451,7 @@ def draw_zoo_curves(runs, path, task="sst2"):
     if not zoo:
         return False
     conds = [("none", 0.0)] + [(a, rate) for a in ("upa", "bpa") for rate in _rates(zoo, a)]
-    fig, axes = plt.subplots(1, len(conds), figsize=(4.2 * len(conds), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(conds), figsize=(max(4.2 * len(conds), 6), 3.8), squeeze=False)
     for ax, (attack, rate) in zip(axes[0], conds):
         metric = "asr_net" if attack == "bpa" else "acc"
         for k, (name, arm) in enumerate(arms.items()):
@@ -464,7 +464,7 @@ def draw_zoo_curves(runs, path, task="sst2"):
         ax.set_xlabel("samples seen (thousands)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"{task}: the init zoo over training, mean over seeds (intermediate points: fixed dev subset; "
+    fig.suptitle(f"{task}: the init zoo over training, mean over seeds\n(intermediate points: fixed dev subset; "
                  "last point: whole dev set)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
