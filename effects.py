@@ -298,8 +298,7 @@ def zoo_markdown(measured, targets, correlations, rows):
         for t in targets:
             v = values[t["label"]]
             e = paired.get((init + t["paired"][0], t["paired"][1]))
-            sd = " ± %.1f" % stats.mean_std(v)[1] if len(v) > 1 else ""  # one seed has no spread to show
-            cells.append((f"{sum(v) / len(v):.1f}{sd} (n={len(v)})" if v else "-")
+            cells.append((f"{stats.spread_text(*stats.mean_std(v), len(v))} (n={len(v)})" if v else "-")
                          + (f"; {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}]" if e else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| robustness | init-time quantity | predicted sign | rho | n inits | fewest seeds | exact p | "

@@ -138,7 +138,7 @@ def figure_table(data_, spec):
     std (n seeds)"); what REPORT.md quotes."""
     order = lambda s: (s.endswith("rsLoRA"), not s.startswith("clean"), s)  # per scaling: clean, then the attacks
     cols = [(p, s) for p in spec["panels"] if p in data_ for s in sorted(data_[p], key=order)]
-    cell = lambda m, sd, n: "%.1f ± %.1f (%d)" % (100 * m, 100 * sd, n) if n > 1 else "%.1f (1)" % (100 * m)
+    cell = lambda m, sd, n: f"{stats.spread_text(100 * m, 100 * sd, n)} ({n})"
     cells = {(p, s, x): cell(m, sd, n) for p, s in cols for x, m, sd, n in data_[p][s]}
     xs = sorted({x for p, s, x in cells})
     head = [spec["x"]] + [f"{p} · {s}" for p, s in cols]

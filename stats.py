@@ -36,6 +36,11 @@ def mean_std(values):
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
+def spread_text(mean, sd, n, spec=".1f"):
+    """"mean ± sd" as text; a single value has no spread to show, so just "mean"."""
+    return f"{mean:{spec}} ± {sd:{spec}}" if n > 1 else f"{mean:{spec}}"
+
+
 def effect(diffs, paper_sign=1, delta=0.0, level=0.95):
     """Mean of the paired differences, its t-interval and the verdict, as a dict.
 

@@ -240,13 +240,16 @@ def test_zoo_markdown_and_figure(tmp_path):
     assert "65.0 ± 7.1 (n=2); +30.0 [+30.0, +30.0]" in pissa  # ASR 60, 70 against the baseline's 30, 40
     assert "32.5 ± 3.5 (n=2); +15.0 [+15.0, +15.0]" in pissa  # at 0.15%: half of that
     assert "| ff (reference) |" in text
-    one_seed = [r for r in runs if r["config"]["seed"] == 0]  # a partial zoo: no spread to show, and no paired interval
+    effects.draw_zoo(measured, targets, predictors, str(tmp_path / "zoo.png"))
+    assert (tmp_path / "zoo.png").stat().st_size > 10_000
+
+
+def test_zoo_markdown_with_one_seed():
+    one_seed = [r for r in zoo_runs(low_rate=True) if r["config"]["seed"] == 0]  # a partial zoo: no spread, no interval
     measured, targets = effects.zoo_measurements(one_seed)
     text = effects.zoo_markdown(measured, targets, [], effects.effects(one_seed))
     (pissa,) = [line for line in text.splitlines() if line.startswith("| pissa")]
     assert "| 60.0 (n=1) |" in pissa and "±" not in pissa and "[" not in pissa
-    effects.draw_zoo(measured, targets, predictors, str(tmp_path / "zoo.png"))
-    assert (tmp_path / "zoo.png").stat().st_size > 10_000
 
 
 def test_zoo_curves_follow_each_init(tmp_path):
