@@ -204,6 +204,7 @@ ZOO_PREDICTORS = (
     ("IB", lambda d: d["lora"]["ib"], +1),
     ("H_1", lambda d: d["lora"]["h1"], +1),
 )
+SIGN_TEXT = {1: "+", -1: "-", 0: "none"}  # a predicted sign, as the tables print it
 
 
 def zoo_targets(upa, bpa_rates):
@@ -289,7 +290,30 @@ def zoo_correlations(measured, targets, predictors):
 
 def zoo_markdown(measured, targets, correlations, rows):
     """The zoo's per-init table (mean ± sd over seeds, and each init minus the baseline as a paired effect) and the
-    correlations of the init-time NTK quantities with it."""
+    correlations of the init-time NTK quantities with it, one row each."""
+    return zoo_table(measured, targets, rows) + "\n\n" + zoo_correlation_table(correlations)
+
+
+def zoo_summary(measured, targets, correlations, rows):
+    """What REPORT.md quotes: the per-init table, and the correlations as one verdict per (target, predictor)."""
+    return zoo_table(measured, targets, rows) + "\n\n" + zoo_verdict_matrix(correlations)
+
+
+def zoo_verdict(c):
+    """The rule fixed before any zoo run (REPORT.md): p < 0.05 in the predicted direction 'predicts', against it
+    'opposite'; otherwise 'no evidence either way' (at 7 inits only |rho| >= 0.79 reaches p < 0.05). A target with
+    no predicted sign (clean CACC) is only 'related' or not; one where every init has one value has no ranks."""
+    if math.isnan(c["rho"]):
+        return "all inits equal"
+    if c["p"] >= 0.05:
+        return "no evidence either way"
+    if c["predicted"] == 0:
+        return "related"
+    return "predicts" if c["rho"] * c["predicted"] > 0 else "opposite"
+
+
+def zoo_table(measured, targets, rows):
+    """One row per init: each target's mean ± sd (n) and, where paired runs exist, the init minus the baseline."""
     paired = {(r["condition"], r["what"]): r for r in rows if r["finding"] == "zoo"}
     head = ["init"] + [f"{t['label']} (%)" for t in targets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -301,16 +325,42 @@ def zoo_markdown(measured, targets, correlations, rows):
             cells.append((f"{stats.spread_text(*stats.mean_std(v), len(v))} (n={len(v)})" if v else "-")
                          + (f"; {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}]" if e else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| robustness | init-time quantity | predicted sign | rho | n inits | fewest seeds | exact p | "
-              "95% bootstrap interval |", "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines)
+
+
+def zoo_correlation_table(correlations):
+    lines = ["| robustness | init-time quantity | predicted sign | rho | n inits | fewest seeds | exact p | "
+             "95% bootstrap interval |", "|---|---|---|---|---|---|---|---|"]
     for c in correlations:
-        sign = {1: "+", -1: "-", 0: "none"}[c["predicted"]]
+        sign = SIGN_TEXT[c["predicted"]]
         head = f"| {c['target']} | {c['predictor']} | {sign} |"
         if math.isnan(c["rho"]):  # every init at one value (e.g. ASR at its 100% ceiling): no ranks to correlate
             lines.append(f"{head} - (all inits equal) | {c['n']} | {c['seeds']} | - | - |")
             continue
         lines.append(f"{head} {c['rho']:+.2f} | {c['n']} | {c['seeds']} | {c['p']:.3f} | "
                      f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] |")
+    return "\n".join(lines)
+
+
+def zoo_verdict_matrix(correlations):
+    """One row per target, one column per init-time quantity: rho, its exact p, the sign the paper predicts and
+    zoo_verdict's word."""
+    if not correlations:
+        return ""
+    cells = {(c["target"], c["predictor"]): c for c in correlations}
+    predictors = [label for label, _, _ in ZOO_PREDICTORS]
+    lines = ["| robustness | " + " | ".join(predictors) + " |", "|---|" + "---|" * len(predictors)]
+    for target in dict.fromkeys(c["target"] for c in correlations):
+        row = [target]
+        for c in (cells.get((target, label)) for label in predictors):
+            if c is None or math.isnan(c["rho"]):
+                row.append(zoo_verdict(c) if c else "-")
+            else:
+                row.append(f"{c['rho']:+.2f} (p {c['p']:.2f}; paper: {SIGN_TEXT[c['predicted']]}): {zoo_verdict(c)}")
+        lines.append("| " + " | ".join(row) + " |")
+    n = sorted({c["n"] for c in correlations})
+    lines += ["", f"Spearman's rho across {'/'.join(map(str, n))} inits, exact two-sided p; 'paper' is the sign "
+              "its argument predicts; its bootstrap interval and seed counts are in zoo.md, next to results.jsonl."]
     return "\n".join(lines)
 
 
