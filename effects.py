@@ -72,6 +72,16 @@ def asr(r, net=False):
     return 100 * m["asr_net"] if net else 100 * m["asr"]
 
 
+def asr_during(r):
+    """Net ASR during training (exploratory, defined 2026-11-30 after seed 0 of the zoo): the mean over the evenly
+    spaced intermediate evaluations on the fixed dev subset, i.e. the area under the net-ASR curve per sample seen
+    (the last curve point, on the whole dev set, is left out). None for a run without them."""
+    points = r.get("curve", [])[:-1]
+    if not points or not all("asr_net" in p for p in points):
+        return None
+    return 100 * sum(p["asr_net"] for p in points) / len(points)
+
+
 def _row(finding, task, condition, what, diffs, sign, unit, saturated=False):
     if len(diffs) < 2:  # fewer than two paired seeds: no interval to report
         return None
@@ -188,6 +198,9 @@ def _zoo(group, task):
                 out.append(_row("zoo", task, f"{init}, BPA {100 * rate:g}%", ("net " if net else "") + "ASR init - baseline",
                                 _paired(arms, lambda s: asr(s["x"], net) - asr(s["b"], net)), +1, "asr",
                                 _saturated(arms, net)))
+            if all(asr_during(r) is not None for a in arms.values() for r in a.values()):
+                out.append(_row("zoo", task, f"{init}, BPA {100 * rate:g}%", "net ASR during training init - baseline",
+                                _paired(arms, lambda s: asr_during(s["x"]) - asr_during(s["b"])), +1, "asr"))
     return out
 
 
@@ -207,9 +220,10 @@ ZOO_PREDICTORS = (
 SIGN_TEXT = {1: "+", -1: "-", 0: "none"}  # a predicted sign, as the tables print it
 
 
-def zoo_targets(upa, bpa_rates):
+def zoo_targets(upa, bpa_rates, during_rates=()):
     """The robustness measures, each a dict: label, sign (relative to ASR's under the paper's argument; clean CACC
-    has none), what it measures (kind, rate, net) and the (condition, what) of its paired row from _zoo."""
+    has none), what it measures (kind, rate, net) and the (condition, what) of its paired row from _zoo. The rates in
+    during_rates add the exploratory net ASR during training (asr_during), last."""
     out = [dict(label="clean CACC", sign=0, kind="cacc", paired=("", "clean CACC init - baseline"))]
     if upa is not None:
         out.append(dict(label="UPA drop", sign=-1, kind="drop", rate=upa, paired=(f", UPA {upa:g}", "UPA drop init - baseline")))
@@ -218,6 +232,9 @@ def zoo_targets(upa, bpa_rates):
             what = ("net " if net else "") + "ASR"
             out.append(dict(label=f"{what} {100 * rate:g}%", sign=+1, kind="asr", rate=rate, net=net,
                             paired=(f", BPA {100 * rate:g}%", f"{what} init - baseline")))
+    for rate in during_rates:
+        out.append(dict(label=f"net ASR during training {100 * rate:g}% (exploratory)", sign=+1, kind="during", rate=rate,
+                        paired=(f", BPA {100 * rate:g}%", "net ASR during training init - baseline")))
     return out
 
 
@@ -240,11 +257,13 @@ def zoo_group(runs, task="sst2"):
 def zoo_measurements(runs, task="sst2"):
     """({init or 'ff': {target label: [per-seed value]}}, targets) of the rank-8 inits in the zoo grid's context,
     with FF of that context as the reference; ({}, []) without at least 3 inits. Every BPA rate the zoo ran is a
-    target, highest first."""
+    target, highest first; where its runs record curves, so is the net ASR during training (exploratory)."""
     group, arms, zoo = zoo_group(runs, task)
     if not zoo:
         return {}, []
-    targets = zoo_targets(max(_rates(zoo, "upa"), default=None), sorted(_rates(zoo, "bpa"), reverse=True))
+    during = {r["config"]["poison_rate"] for r in zoo if r["config"]["attack"] == "bpa" and asr_during(r) is not None}
+    targets = zoo_targets(max(_rates(zoo, "upa"), default=None), sorted(_rates(zoo, "bpa"), reverse=True),
+                          sorted(during, reverse=True))
     out = {name: {t["label"]: _robustness(group, want, t) for t in targets} for name, want in arms.items()}
     out = {k: v for k, v in out.items() if v["clean CACC"]}
     return (out, targets) if len(set(out) - {"ff"}) >= 3 else ({}, [])
@@ -259,6 +278,8 @@ def _robustness(group, want, target):
         flipped = pick(group, **want, attack="upa", poison_rate=target["rate"])
         return [acc(clean[s]) - acc(flipped[s]) for s in sorted(set(clean) & set(flipped))]
     backdoor = pick(group, **want, attack="bpa", poison_rate=target["rate"])
+    if target["kind"] == "during":
+        return [v for _, r in sorted(backdoor.items()) if (v := asr_during(r)) is not None]
     return [asr(r, target["net"]) for _, r in sorted(backdoor.items()) if not target["net"] or "asr_net" in r["metrics"]]
 
 

@@ -336,7 +336,9 @@ exact two-sided permutation p-value, a 95% percentile bootstrap interval that re
 each init (the measurement noise; it says nothing about the choice of inits), and the sign the paper's argument
 predicts (a kernel closer to FF's: more like FF, so a higher ASR and a smaller UPA drop). "fewest seeds" is the
 smallest number of seeds behind one init's mean (with one seed the bootstrap resamples the draws only). With 7
-inits, p < 0.05 needs |rho| >= 0.79 (0.75 gives p = 0.066).
+inits, p < 0.05 needs |rho| >= 0.79 (0.75 gives p = 0.066). "net ASR during training" is exploratory, added after
+seed 0 had run: the mean net ASR over the 8 evenly spaced intermediate evaluations (fixed 256-sample dev subset),
+i.e. how fast the backdoor is learnt, where the final ASR sits at its ceiling.
 
 """
 

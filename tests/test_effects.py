@@ -220,6 +220,23 @@ def test_zoo_every_bpa_rate_is_a_target_highest_first():
     assert measured["ff"]["ASR 0.15%"] == []  # FF has no run at that rate
 
 
+def test_zoo_net_asr_during_training_by_hand():
+    """Exploratory target: the mean net ASR over the intermediate evaluations; the last point (whole dev) is left out."""
+    runs = zoo_runs()
+    for r in runs:
+        if r["config"]["attack"] == "bpa":
+            b = r["metrics"]["asr_net"]
+            r["curve"] = [{"samples": 160, "asr_net": b / 2}, {"samples": 320, "asr_net": b}, {"samples": 330, "asr_net": 0.99}]
+    measured, targets = effects.zoo_measurements(runs)
+    assert targets[-1]["label"] == "net ASR during training 0.45% (exploratory)"
+    assert measured["pissa"][targets[-1]["label"]] == pytest.approx([45.0, 45.0])  # 100 * (b/2 + b) / 2, net b = 0.6 in both seeds
+    assert measured["ff"][targets[-1]["label"]] == pytest.approx([75.0, 75.0])
+    (row,) = [r for r in effects.effects(runs) if r["condition"] == "pissa, BPA 0.45%" and "during" in r["what"]]
+    assert row["mean"] == pytest.approx(22.5) and row["n"] == 2  # the baseline's net b = 0.3: 22.5
+    assert effects.asr_during(run(0, 0.8, asr=0.5, asr_net=0.5)) is None  # no curve: no value, not 0
+    assert [t["label"] for t in effects.zoo_measurements(zoo_runs())[1]][-1] == "net ASR 0.45%"  # no curves: no target
+
+
 def test_zoo_correlations_by_hand():
     measured, targets = effects.zoo_measurements(zoo_runs())
     # misalign ranks kaiming < gaussian < pissa < olora; mean ASR 35, 45, 65, 75: the same order, rho = +1
