@@ -20,6 +20,7 @@ For the init zoo it also asks whether the NTK at initialisation (ntk_study.py in
 init shows after training: Spearman's rho across inits with its exact p-value and a bootstrap interval (stats.py).
 """
 import math
+import textwrap
 from collections import Counter, defaultdict
 
 import runspec
@@ -405,11 +406,11 @@ def draw_zoo(measured, targets, predictors, path):
             if measured.get("ff", {}).get(target):
                 ax.axhline(stats.mean_std(measured["ff"][target])[0], color="k", ls="--", lw=0.8, label="FF")
             ax.set_xlabel(label, fontsize=8)
-            ax.set_ylabel(f"{target} (%)", fontsize=8)
+            ax.set_ylabel(textwrap.fill(f"{target} (%)", 24), fontsize=8)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.suptitle("init zoo: robustness after training against the NTK at initialisation (mean ± sd)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.99))  # leave the title its own strip
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
