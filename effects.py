@@ -306,7 +306,8 @@ def zoo_correlations(measured, targets, predictors):
             x, y = [sum(v) / len(v) for v in xs], [sum(v) / len(v) for v in ys]
             rows.append(dict(target=t["label"], predictor=label, n=len(inits), rho=stats.spearman(x, y),
                              p=stats.spearman_p(x, y), ci=stats.spearman_interval(xs, ys),
-                             predicted=sign * t["sign"], seeds=min(len(v) for v in ys)))
+                             predicted=sign * t["sign"], seeds=min(len(v) for v in ys),
+                             exploratory=t["kind"] == "during"))
     return rows
 
 
@@ -382,8 +383,22 @@ def zoo_verdict_matrix(correlations):
         lines.append("| " + " | ".join(row) + " |")
     n = sorted({c["n"] for c in correlations})
     lines += ["", f"Spearman's rho across {'/'.join(map(str, n))} inits, exact two-sided p; 'paper' is the sign "
-              "its argument predicts; its bootstrap interval and seed counts are in zoo.md, next to results.jsonl."]
+              "its argument predicts; its bootstrap interval and seed counts are in zoo.md, next to results.jsonl. "
+              + zoo_multiplicity(correlations)]
     return "\n".join(lines)
+
+
+def zoo_multiplicity(correlations):
+    """How many pre-registered cells pass p < 0.05 against chance's share, and how many survive Holm's correction
+    over that family (the rule itself is per cell; this says what a family of cells can yield by chance)."""
+    family = [c["p"] for c in correlations if not c["exploratory"] and not math.isnan(c["p"])]
+    if not family:
+        return ""
+    held = sum(p < 0.05 for p in family)
+    adjusted = stats.holm(family)
+    return (f"{held} of the {len(family)} pre-registered cells have p < 0.05, where chance alone gives about "
+            f"{0.05 * len(family):.1f}; after Holm's correction over those {len(family)}, "
+            f"{sum(p < 0.05 for p in adjusted)} remain (smallest adjusted p {min(adjusted):.2f}).")
 
 
 def draw_zoo(measured, targets, predictors, path):

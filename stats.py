@@ -7,6 +7,7 @@ robustness" (Spearman's rho, its permutation p-value, a bootstrap interval over 
     e = effect(d, paper_sign=+1, delta=0.02)                 # mean, 95% CI, n, verdict
     seeds_needed(effect_size=0.05, sd=0.04)                  # seeds for 80% power at that noise
     spearman(x, y), spearman_p(x, y)                         # rho and its two-sided permutation p-value
+    holm([0.01, 0.04, 0.03])                                 # family-wise adjusted p-values
 
 Verdicts (defined once, here and in REPORT.md), with the interval oriented so that + is the paper's direction:
     replicated    the interval excludes 0 on the paper's side
@@ -160,6 +161,17 @@ def spearman_interval(xs, ys, reps=2000, level=0.95, seed=0):
     rhos.sort()
     at = lambda q: rhos[min(len(rhos) - 1, max(0, round(q * (len(rhos) - 1))))]
     return at((1 - level) / 2), at((1 + level) / 2)
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family of p-values (same order as given): reject where adjusted < alpha and
+    the family-wise error rate stays at most alpha, for any dependence between the tests."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        out[i] = running
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -282,6 +282,17 @@ def test_zoo_verdict_matrix():
     # rho = +1 at n = 4 has p = 2/24: too few inits for any verdict but "no evidence"
     assert asr.split(" | ")[1] == "+1.00 (p 0.08; paper: -): no evidence either way"
     assert "across 4 inits" in text and effects.zoo_verdict_matrix([]) == ""
+    # 16 pre-registered cells, none below 0.05 at n = 4 (the smallest exact p is 2/24)
+    assert "0 of the 16 pre-registered cells have p < 0.05, where chance alone gives about 0.8" in text
+
+
+def test_zoo_multiplicity_counts_the_preregistered_family_only():
+    cells = [dict(p=0.01, exploratory=False), dict(p=0.02, exploratory=False), dict(p=0.5, exploratory=False),
+             dict(p=0.001, exploratory=True), dict(p=math.nan, exploratory=False)]
+    # family 0.01, 0.02, 0.5: Holm 0.03, 0.04, 0.5 -> both small ones survive; the exploratory 0.001 is not counted
+    assert effects.zoo_multiplicity(cells) == ("2 of the 3 pre-registered cells have p < 0.05, where chance alone "
+                                               "gives about 0.2; after Holm's correction over those 3, 2 remain "
+                                               "(smallest adjusted p 0.03).")
 
 
 def test_zoo_markdown_with_one_seed():

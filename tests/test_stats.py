@@ -146,6 +146,13 @@ def test_spearman_interval_matches_enumerated_bootstrap():
     assert cdf(hi - 1e-9) <= 0.975 + 0.01 and cdf(hi) >= 0.975 - 0.01
 
 
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4 x 0.005 = 0.02, 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, max(1 x 0.04, 0.06) = 0.06
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert stats.holm([]) == []
+
+
 def test_spearman_interval_refuses_empty_units():
     with pytest.raises(ValueError):
         stats.spearman_interval([[1.0], [2.0], []], [[1.0], [2.0], [3.0]])
