@@ -376,8 +376,10 @@ def zoo_verdict_matrix(correlations):
     for target in dict.fromkeys(c["target"] for c in correlations):
         row = [target]
         for c in (cells.get((target, label)) for label in predictors):
-            if c is None or math.isnan(c["rho"]):
-                row.append(zoo_verdict(c) if c else "-")
+            if c is None:
+                row.append("-")
+            elif math.isnan(c["rho"]):
+                row.append(zoo_verdict(c))
             else:
                 row.append(f"{c['rho']:+.2f} (p {c['p']:.2f}; paper: {SIGN_TEXT[c['predicted']]}): {zoo_verdict(c)}")
         lines.append("| " + " | ".join(row) + " |")
