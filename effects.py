@@ -398,9 +398,10 @@ def zoo_multiplicity(correlations):
         return ""
     held = sum(p < 0.05 for p in family)
     adjusted = stats.holm(family)
-    return (f"{held} of the {len(family)} pre-registered cells have p < 0.05, where chance alone gives about "
-            f"{0.05 * len(family):.1f}; after Holm's correction over those {len(family)}, "
-            f"{sum(p < 0.05 for p in adjusted)} remain (smallest adjusted p {min(adjusted):.2f}).")
+    kept = sum(p < 0.05 for p in adjusted)
+    return (f"{held} of the {len(family)} pre-registered cells {'has' if held == 1 else 'have'} p < 0.05, where "
+            f"chance alone gives about {0.05 * len(family):.1f}; after Holm's correction over those {len(family)}, "
+            f"{kept} {'remains' if kept == 1 else 'remain'} (smallest adjusted p {min(adjusted):.2f}).")
 
 
 def draw_zoo(measured, targets, predictors, path):

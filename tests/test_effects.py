@@ -293,6 +293,10 @@ def test_zoo_multiplicity_counts_the_preregistered_family_only():
     assert effects.zoo_multiplicity(cells) == ("2 of the 3 pre-registered cells have p < 0.05, where chance alone "
                                                "gives about 0.2; after Holm's correction over those 3, 2 remain "
                                                "(smallest adjusted p 0.03).")
+    # one of 0.01, 0.5: Holm 0.02, 0.5 -> one cell, in the singular
+    assert effects.zoo_multiplicity(cells[:1] + cells[2:]) == (
+        "1 of the 2 pre-registered cells has p < 0.05, where chance alone gives about 0.1; after Holm's correction "
+        "over those 2, 1 remains (smallest adjusted p 0.02).")
 
 
 def test_zoo_markdown_with_one_seed():
