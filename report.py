@@ -451,18 +451,20 @@ def thm36_rows(root):
 
 def report_all(root):
     """Every results/<protocol>/results.jsonl's report, then results/verdicts.md."""
-    rows, compute = {}, []
+    rows, compute, zoos = {}, [], []
     for protocol in sorted(os.listdir(root)):
         path = os.path.join(root, protocol, "results.jsonl")
         if os.path.isfile(path) and (runs := ledger.runs(path)):
             if zoo := write_report(runs, os.path.join(root, protocol)):
-                splice(os.path.join(root, "REPORT.md"), f"From `results/{protocol}/zoo.md`:\n\n{zoo}", "zoo")
+                zoos.append(f"From `results/{protocol}/zoo.md`:\n\n{zoo}")
             rows[protocol] = effects.effects(runs)
             compute.append(f"- `{protocol}`: {compute_used(runs)}")
     text = verdicts(rows, thm36_rows(root) if "conv" in rows else ()) + "\n\nCompute behind each column:\n\n" \
         + "\n".join(compute)
     write_text(root, "verdicts.md", VERDICTS_HEAD + text)
     splice(os.path.join(root, "REPORT.md"), text)
+    if zoos:  # every protocol that ran the zoo, one after another (one splice would overwrite the other)
+        splice(os.path.join(root, "REPORT.md"), "\n\n".join(zoos), "zoo")
     print(text)
 
 
