@@ -38,6 +38,9 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kw):
         kw.setdefault("formatter_class", HelpFormatter)
+        main = getattr(sys.modules["__main__"], "__spec__", None)
+        if main is not None and "." in main.name:  # run as `python -m study.sweep`: say so in usage and errors
+            kw.setdefault("prog", f"python -m {main.name}")
         super().__init__(*args, **kw)
 
     def error(self, message):

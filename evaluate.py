@@ -1,6 +1,6 @@
 """
 Evaluation: clean accuracy/precision/recall/F1 (CACC) and, for backdoor runs, the attack success rate (ASR); and
-re-evaluation of a saved run. (The report over many runs is report.py.)
+re-evaluation of a saved run. (The report over many runs is study/report.py.)
 
     python evaluate.py RUN_DIR      # rebuild a run from config.json + its weights and evaluate it again
 
@@ -134,7 +134,7 @@ def main(argv=None):
     p.add_argument("run_dir", help="a run folder (train.py's --out)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"] and not os.path.isdir("report"):
-        cli.fail("the report has its own command now: python report.py RESULTS.jsonl [--out DIR]")
+        cli.fail("the report has its own command now: python -m study.report RESULTS.jsonl [--out DIR]")
     args = p.parse_args(argv)
     with cli.usage_errors():
         m = reevaluate(args.run_dir)

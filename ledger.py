@@ -1,6 +1,7 @@
 """
-The results ledger: JSON Lines files that gain one line per finished run (train.py's results, spectrum.py's spectra)
-and are read by sweep.py, report.py and spectrum.py. One reader and one writer, used everywhere.
+The results ledger: JSON Lines files that gain one line per finished run (train.py's results, study/spectrum.py's
+spectra) and are read by study/sweep.py, study/report.py and study/spectrum.py. One reader and one writer, used
+everywhere.
 
     ledger.append(path, {"config": ..., "metrics": ...})
     ledger.runs(path)       # one record per run (the same run_key twice: its last line counts), in file order

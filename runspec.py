@@ -1,7 +1,7 @@
 """
 What a training run is: its flags (the one parser, with every default), their checks, the run's identity, and how
-its configuration becomes attack options and a model. train.py runs it; sweep.py plans it; evaluate.py, report.py
-and spectrum.py read it back.
+its configuration becomes attack options and a model. train.py runs it; study/sweep.py plans it; evaluate.py,
+study/report.py and study/spectrum.py read it back.
 
     args = runspec.get_parser().parse_args(argv)
     runspec.validate(args)          # every flag checked, nothing read or written yet; UsageError names flag and fix
@@ -29,7 +29,7 @@ import model as M
 
 ATTACK_CHOICES = ["none", *sorted(attacks.ATTACKS)]
 # the default learning rates: a working run at the default 300 steps of batch 16 (results/REPORT.md); the paper's
-# own (3e-5 LoRA, 3e-6 FF) stay at chance there and are sweep.py's `paper` protocol
+# own (3e-5 LoRA, 3e-6 FF) stay at chance there and are study/sweep.py's `paper` protocol
 DEFAULT_LR = {"lora": 5e-4, "ff": 3e-5}
 # flags that say where/how a run is executed, not what it computes: a run may be resumed with different values
 RUN_ONLY = {"out", "results", "resume", "overwrite", "ckpt_every", "eval_every", "curve_dev", "keep_ckpt", "compile"}
@@ -167,7 +167,7 @@ def _check_combinations(args, world):
 
 @functools.lru_cache(maxsize=8)
 def model_limits(folder):
-    """(BertConfig, tokenizer) of a model folder: what bounds --max-len and --rank (cached: sweep.py checks every
+    """(BertConfig, tokenizer) of a model folder: what bounds --max-len and --rank (cached: study/sweep.py checks every
     run it plans)."""
     if not os.path.isdir(folder):
         raise cli.UsageError(f"--model {folder}: no such folder; pass a Hugging Face-format BERT folder")

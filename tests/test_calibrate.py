@@ -1,7 +1,7 @@
-"""calibrate.py: the converged protocol's rule on hand-made curves whose answer is worked out by hand."""
+"""study/calibrate.py: the converged protocol's rule on hand-made curves whose answer is worked out by hand."""
 import pytest
 
-import calibrate
+from study import calibrate
 
 
 def curve(values, every=250):

@@ -14,15 +14,15 @@ import types
 
 import pytest
 
-import calibrate
+from study import calibrate
 import cli
 import data
 import evaluate
 import ntk
-import report
+from study import report
 import runspec
-import spectrum
-import sweep
+from study import spectrum
+from study import sweep
 import train
 from test_train import ROOT, base_args, metrics, run_cli, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
 
@@ -52,7 +52,7 @@ def T(*extra, out="run"):
 
 
 def S(*extra):
-    """sweep.py flags planning on the tiny model into ./r.jsonl (so nothing could ever start a real run)."""
+    """study/sweep.py flags planning on the tiny model into ./r.jsonl (so nothing could ever start a real run)."""
     return ["fig1", "--seeds", "1", "--results", "r.jsonl", "--model", "{bert}", "--data-dir", "{glue}", *extra]
 
 
@@ -157,7 +157,7 @@ CASES = [  # (id, command's main, argv, prep, words the one error line must cont
     ("evaluate config.json not JSON", evaluate.main, ["run"], put("run/config.json", "{"), "not a run's config.json"),
     ("evaluate config.json without run", evaluate.main, ["run"], put("run/config.json", "{}"), "not a run's config.json"),
     ("evaluate run without weights", evaluate.main, ["run"], a_run, "adapter.safetensors"),
-    ("evaluate the old report command", evaluate.main, ["report", "r.jsonl"], None, "report.py"),
+    ("evaluate the old report command", evaluate.main, ["report", "r.jsonl"], None, "python -m study.report"),
     ("evaluate no arguments", evaluate.main, [], None, "run_dir"),
     ("report missing file", report.main, ["nope.jsonl"], None, "no such file"),
     ("report on a folder", report.main, ["d"], folder("d"), "is a folder"),
@@ -242,8 +242,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, main, argv, prep
 # real processes
 
 def test_real_process_exit_code_and_one_line(tmp_path):
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), str(tmp_path / "nope.jsonl")],
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    res = subprocess.run([sys.executable, "-m", "study.report", str(tmp_path / "nope.jsonl")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
 
 

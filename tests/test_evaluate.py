@@ -1,11 +1,11 @@
-"""evaluate.py's metrics against hand-computed numbers; report.py's grouping/averaging and findings."""
+"""evaluate.py's metrics against hand-computed numbers; study/report.py's grouping/averaging and findings."""
 import json
 
 import pytest
 
 import evaluate as E
 import ledger
-import report as R
+from study import report as R
 
 
 def test_metrics_by_hand():

@@ -5,7 +5,7 @@ import pytest
 
 import cli
 import ledger
-import report
+from study import report
 import runspec
 
 

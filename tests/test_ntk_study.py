@@ -1,4 +1,4 @@
-"""ntk_study.py against independent oracles: per-sample torch.autograd.grad loops, hand-computed distances and
+"""study/ntk_study.py against independent oracles: per-sample torch.autograd.grad loops, hand-computed distances and
 spectra, the closed-form k s^2 scaling of LoRA's kernel at B = 0, and the CLI end to end on a tiny BERT folder."""
 import json
 import math
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import lora
 import model as M
-import ntk_study as S
+from study import ntk_study as S
 from conftest import tiny_config
 from test_ntk import naive_rows
 

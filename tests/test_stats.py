@@ -1,9 +1,9 @@
-"""stats.py against printed t tables, hand-computed intervals and scipy (when installed) as independent oracles."""
+"""study/stats.py against printed t tables, hand-computed intervals and scipy (when installed) as independent oracles."""
 import math
 
 import pytest
 
-import stats
+from study import stats
 
 # Student's t quantiles as printed in standard tables (3 decimals)
 T975 = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 10: 2.228, 30: 2.042}

@@ -1,12 +1,12 @@
-"""sweep.py (grids, resumability, keys)."""
+"""study/sweep.py (grids, resumability, keys)."""
 import json
 import math
 
 import pytest
 
-import report
+from study import report
 import runspec
-import sweep
+from study import sweep
 
 
 def test_grids_have_the_paper_shape():
@@ -97,7 +97,7 @@ def test_finished_runs_are_skipped(tmp_path, capsys, stub_glue):
 
 
 def test_spectrum_correlations_over_runs_and_over_seed_averaged_cells(tmp_path):
-    import spectrum
+    from study import spectrum
     runs, spectra = [], []
     # (rank, seed, spectral summary x, UPA accuracy drop y); by hand: run ranks of y are 1 3 2 4 5 6 against x's
     # 1..6, so rho = 1 - 6 * 2 / (6 * 35) = 0.943; the cell means (1.5, 0.2), (3.5, 0.3), (5.5, 0.55) are monotone

@@ -2,7 +2,7 @@
 The converged protocol's rule (results/REPORT.md, "The converged protocol"): pick each mode's learning rate and the
 step budget from clean calibration curves alone, before any attacked run.
 
-    python calibrate.py results/conv/results.jsonl --out results/conv     # calib-sst2.md + calib-sst2.png
+    python -m study.calibrate results/conv/results.jsonl --out results/conv     # calib-sst2.md + calib-sst2.png
 
 A curve is a run's list of evaluations [(step, clean dev accuracy), ...] on the whole dev set (train.py --eval-every).
     a(s)  = mean of the evaluations at s - 250, s, s + 250 (those that exist; at the last step the last two)
@@ -116,7 +116,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     with cli.usage_errors():
         if not os.path.isfile(args.results):
-            raise cli.UsageError(f"{args.results}: no such results JSONL; run `python sweep.py calib --protocol conv` "
+            raise cli.UsageError(f"{args.results}: no such results JSONL; run `python -m study.sweep calib --protocol conv` "
                                  "first")
         curves = calibration_curves(ledger.runs(args.results), args.task)
         decision = choose(curves)

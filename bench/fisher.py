@@ -5,8 +5,8 @@ Benchmark (not a test): time and memory of the Fisher spectrum (ntk.fisher_spect
      tokens: vmap route vs a naive per-sample torch.autograd.grad loop (same Gram, same eigensolver).
   2. Full fine-tuning (every parameter) on as many samples as fit in `--ff-budget-gb` with one parameter chunk.
 
-    python bench_ntk.py                      # defaults: 256 x 64 tokens, r = 8, FF budget 8 GB
-    python bench_ntk.py --samples 32 --ff-budget-gb 2    # quick look
+    python -m bench.fisher                      # defaults: 256 x 64 tokens, r = 8, FF budget 8 GB
+    python -m bench.fisher --samples 32 --ff-budget-gb 2    # quick look
 
 Peak memory is the process's resident-set high-water mark (VmHWM), reset before each phase. On a shared machine
 wall times vary with the other jobs (the load average is printed alongside), and `--threads 1` avoids the

@@ -2,9 +2,9 @@
 Theorem 3.6 and the LoRA inits seen through the empirical NTK and Fisher of the real model (MiniLM-L6-H384 on SST-2
 train sentences by default), at initialisation and after clean training.
 
-    python ntk_study.py thm36 --out results/theory   # Thm 3.6: FF vs LoRA over rank x k x alpha, 3 draws -> thm36.md
-    python ntk_study.py inits --out results/theory   # every init in lora.INITS at rank 8 (q, v) -> inits.md
-    python ntk_study.py runs runs --out results/theory   # trained clean runs found under runs/ -> runs.md
+    python -m study.ntk_study thm36 --out results/theory   # Thm 3.6: FF vs LoRA over rank x k x alpha, 3 draws -> thm36.md
+    python -m study.ntk_study inits --out results/theory   # every init in lora.INITS at rank 8 (q, v) -> inits.md
+    python -m study.ntk_study runs runs --out results/theory   # trained clean runs found under runs/ -> runs.md
 
 Cost on one CPU thread (MiniLM, N = 64, max length 64): FF's kernels about 70 s a draw at a 7.6 GB peak (the word
 embeddings' Jacobian), cached in <out>/cache/ and shared by thm36 and inits; then 3-9 s a LoRA model: thm36 about
@@ -676,7 +676,7 @@ def check(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    args.command = " ".join(["python ntk_study.py", *argv])
+    args.command = " ".join(["python -m study.ntk_study", *argv])
     torch.set_num_threads(args.threads)
     t = time.time()
     with cli.usage_errors():  # bad flags, files, data or checkpoints: one line, exit code 2

@@ -1,11 +1,11 @@
 """
 Run the paper's experiment grids as resumable sweeps of train.py.
 
-    python sweep.py fig1 --protocol cpu          # run what is missing from results/cpu/results.jsonl
-    python sweep.py all --protocol cpu           # every grid, cheapest points first
-    python sweep.py fig4 --protocol paper --print  # one torchrun command per pending run (Slurm arrays etc.)
-    python sweep.py all --protocol conv --jobs 2 --estimate  # the pending runs' cost, from the finished runs' speed
-    python sweep.py fig3                         # the Eq. 18 heatmap (no training)
+    python -m study.sweep fig1 --protocol cpu          # run what is missing from results/cpu/results.jsonl
+    python -m study.sweep all --protocol cpu           # every grid, cheapest points first
+    python -m study.sweep fig4 --protocol paper --print  # one torchrun command per pending run (Slurm arrays etc.)
+    python -m study.sweep all --protocol conv --jobs 2 --estimate  # the pending runs' cost, from the finished runs' speed
+    python -m study.sweep fig3                         # the Eq. 18 heatmap (no training)
 
 A run is known by runspec.run_key (its configuration, with machine-specific paths reduced to names): one whose line
 is already in the results JSONL is skipped, so a sweep can be stopped at any point and continued later, and JSONL
@@ -20,8 +20,8 @@ import time
 import cli
 import ledger
 import runspec
+from study import ROOT
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Protocols. `paper`: Sec. 4.1 of the paper (BERT-large, batch 8, 10,000 steps, 5 seeds, its learning rates).
 # `cpu`: what a 2-core machine affords with the embedded MiniLM (see results/REPORT.md for how it was chosen).
@@ -122,7 +122,7 @@ def conv_grid(figure, p):
     steps = (p["steps"] or {}).get(task)
     if steps is None:
         raise SystemExit(f"error: protocol conv has no step budget for {task} yet; apply the rule "
-                         f"(`python calibrate.py results/conv/results.jsonl`) and fill PROTOCOLS['conv']['steps']")
+                         f"(`python -m study.calibrate results/conv/results.jsonl`) and fill PROTOCOLS['conv']['steps']")
     base = p["common"] + ["--task", task, "--steps", str(steps), "--eval-every", str(steps // p["curve_points"]),
                           "--curve-dev", str(p["curve_dev"])]
     lora = base + ["--mode", "lora", "--rank", "8", "--alpha", "16", "--lr", p["lr"]["lora"]]
@@ -256,7 +256,7 @@ def check_args(args):
                              f"{', '.join(known)}, fig3 or all")
     if args.figure != "all" and not ready(args.figure, p):
         raise cli.UsageError(f"{args.figure} of protocol {args.protocol} is not ready: the protocol's rule has not "
-                             "fixed its rates/budget yet (python calibrate.py results/conv/results.jsonl)")
+                             "fixed its rates/budget yet (python -m study.calibrate results/conv/results.jsonl)")
     figures = [f for f in known if ready(f, p)] if args.figure == "all" else [args.figure]
     if args.figure == "all" and len(figures) < len(known):
         print(f"not ready yet (the protocol's rule has not fixed their rates/budget): "

@@ -5,7 +5,7 @@ their poisoned counterparts (UPA: labels flipped; BPA: trigger inserted, label s
 information bits (Eq. 9) and Renyi entropies (Eq. 10), and correlate those with the robustness the sweeps measured
 at the same rank/variance/seed: the accuracy drop under UPA and the ASR under BPA (Spearman, with n).
 
-    python spectrum.py --protocol cpu            # measure what is missing, then write results/cpu/spectrum.md
+    python -m study.spectrum --protocol cpu            # measure what is missing, then write results/cpu/spectrum.md
 
 It appends to results/<protocol>/spectrum.jsonl (one line per measured run, known by runspec.run_key) and rewrites
 results/<protocol>/spectrum.md.
@@ -19,13 +19,10 @@ import data
 import evaluate
 import ledger
 import ntk
-import report as R
 import runspec
-import stats
-import sweep
+from study import ROOT, stats, sweep
+from study import report as R
 
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 ALPHAS = (0.5, 1.0, 2.0)
 SUMMARIES = ["ib"] + [f"h{a:g}" for a in ALPHAS]
 
@@ -83,7 +80,7 @@ def inputs(args):
     results = os.path.join(res_dir, "results.jsonl")
     if not os.path.isfile(results):
         raise cli.UsageError(f"--protocol {args.protocol}: no results at {results} yet; "
-                             f"run python sweep.py all --protocol {args.protocol} first")
+                             f"run python -m study.sweep all --protocol {args.protocol} first")
     paths = {"spectra": os.path.join(res_dir, "spectrum.jsonl"), "md": os.path.join(res_dir, "spectrum.md")}
     cli.check_file_path(paths["spectra"], "spectra file")
     cli.check_file_path(paths["md"], "spectrum table")

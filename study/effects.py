@@ -1,5 +1,5 @@
 """
-The paper's findings as per-seed paired effects, each with its 95% t-interval, n and verdict (stats.py), and the
+The paper's findings as per-seed paired effects, each with its 95% t-interval, n and verdict (study/stats.py), and the
 curves over training, from the runs of one results JSONL (any protocol).
 
     rows = effects(runs)                         # one dict per (finding, task, condition)
@@ -16,15 +16,15 @@ direction:
     F4  BPA: ASR(k hi) - ASR(k lo); UPA: drop(k lo) - drop(k hi)       Sec. 3.3: smaller Var(A), lower ASR, more drop
     zoo each init minus the baseline (kaiming k = 1/3): no paper direction, so + is only "higher than baseline"
 
-For the init zoo it also asks whether the NTK at initialisation (ntk_study.py inits) predicts the robustness each
-init shows after training: Spearman's rho across inits with its exact p-value and a bootstrap interval (stats.py).
+For the init zoo it also asks whether the NTK at initialisation (study/ntk_study.py inits) predicts the robustness each
+init shows after training: Spearman's rho across inits with its exact p-value and a bootstrap interval (study/stats.py).
 """
 import math
 import textwrap
 from collections import Counter, defaultdict
 
 import runspec
-import stats
+from study import stats
 
 ARM_FIELDS = ("mode", "lr", *runspec.LORA_ONLY, "attack", "poison_rate", "poison_pool", "trigger", "target_label", "seed")
 BASELINE = dict(mode="lora", rank=8, alpha=16.0, rslora=False, init="kaiming_uniform", init_scale=1 / 3)
@@ -208,7 +208,7 @@ def _zoo(group, task):
 # -----------------------------------------------------------------------------
 # the init zoo: does the NTK at initialisation predict the robustness an init shows after training?
 
-# Init-time quantities from `ntk_study.py inits` (per layer: q and v weights against A and B), each with the sign of
+# Init-time quantities from `study/ntk_study.py inits` (per layer: q and v weights against A and B), each with the sign of
 # its correlation with backdoor ASR that the paper's argument predicts: a LoRA whose kernel is closer to FF's (larger,
 # better aligned, more information) should behave more like FF, i.e. learn the backdoor more and the flipped labels
 # less (Sec. 3.2-3.3).
@@ -285,7 +285,7 @@ def _robustness(group, want, target):
 
 
 def zoo_predictors(theory_rows):
-    """{init: {predictor: [per-draw value]}} from ntk_study.py inits' rows (its 'layers' comparison)."""
+    """{init: {predictor: [per-draw value]}} from study/ntk_study.py inits' rows (its 'layers' comparison)."""
     out = defaultdict(lambda: defaultdict(list))
     for row in theory_rows:
         for label, get, _ in ZOO_PREDICTORS:

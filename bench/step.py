@@ -7,8 +7,8 @@ AdamW kernel (transformers.Trainer's default since torch 2.8, and ours).
 Two batches: `dense`, 8 x 64 random tokens with no padding (the pure matmul case), and `sst2`, 8 real SST-2 training
 sentences padded to the longest of them (truncated at 64), as training actually sees them.
 
-    python bench.py                      # MiniLM default, 8 x 64 tokens, all threads
-    python bench.py --threads 2 --steps 30 --compile
+    python -m bench.step                      # MiniLM default, 8 x 64 tokens, all threads
+    python -m bench.step --threads 2 --steps 30 --compile
 """
 import statistics
 import time
