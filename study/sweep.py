@@ -32,8 +32,11 @@ from study import ROOT
 # beside the pre-registered 0.45% cells, never instead of them.
 # The zoo and its follow-up share one stage (2026-11-30, before any zoo run), so they run one seed at a time and a
 # partial zoo sweep holds every condition of its first seeds.
+# The sentence-pair tasks (issue 23, 2026-12-01) come last: their calibration (rule 3), then F1/F2 on both tasks in
+# one stage, so seeds 0-2 of every cell of both tasks finish before seeds 3-4 start.
 CONV_STAGES = ((("calib",), 1), (("cola-calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola",), 3),
-               (("f34-low",), 3), (("zoo", "zoo-low"), 3))
+               (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs",), 5))
+PAIR_TASKS = ("qnli", "qqp")
 PROTOCOLS = {
     "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
                   common=["--batch-size", "8", "--steps", "10000", "--max-len", "512", "--train-cap", "17500"],
@@ -49,8 +52,15 @@ PROTOCOLS = {
     # after warm-up, so every prefix of a run is itself a run of the protocol and a curve shows every shorter budget.
     # Its learning rates and step budget are fixed by the written rule from the clean `calib` runs alone.
     "conv": dict(model=None, tasks=("sst2",), seeds=(0, 1, 2, 3, 4),
-                 common=["--batch-size", "16", "--max-len", "64", "--schedule", "constant", "--warmup", "100",
-                         "--ckpt-every", "500"],
+                 common=["--batch-size", "16", "--schedule", "constant", "--warmup", "100", "--ckpt-every", "500"],
+                 # max length per task: the 95th percentile of the training set's [CLS] a [SEP] b [SEP] lengths, rounded
+                 # up to a multiple of 32 (fixed 2026-12-01 for the pair tasks; SST-2 and CoLA keep the 64 they ran at).
+                 # QNLI: p95 81 -> 96, truncating 238 of 12,997 rows (1.8%); QQP: p95 55 -> 64, 363 of 17,500 (2.1%)
+                 max_len={"sst2": 64, "cola": 64, "qnli": 96, "qqp": 64},
+                 # the pair tasks' dev sets are large (QNLI 5,463, QQP 15,517 rows): intermediate evaluations use a
+                 # fixed seeded subset (calibration: 1,000 rows; grid: 512); the final point uses the whole dev set,
+                 # except QQP's, which would cost about 20% of a run and uses a 5,000-row subset seeded by the run's seed
+                 pair_curve_dev={"calib": 1000, "grid": 512}, final_dev_cap={"qqp": 5000},
                  calib=dict(tasks=("sst2",), steps=5000, eval_every=250,
                             lr={"lora": ("2e-4", "5e-4", "1e-3"), "ff": ("1e-5", "2e-5", "5e-5")}),
                  # fixed by the rule from the calib runs (results/conv/calib-sst2.md, applied 2026-11-29 before any
@@ -74,8 +84,9 @@ def grid(figure, p):
     runs = []
     if figure == "calib":  # clean runs only, long, evaluated on the whole dev set: what fixes lr and steps
         c = p["calib"]
-        return [p["common"] + ["--task", task, "--mode", mode, "--lr", lr, "--steps", str(c["steps"]),
-                               "--eval-every", str(c["eval_every"])] + (["--rank", "8", "--alpha", "16"] if mode == "lora" else [])
+        return [p["common"] + task_flags(task, p) + ["--mode", mode, "--lr", lr, "--steps", str(c["steps"]),
+                                                      "--eval-every", str(c["eval_every"])]
+                + (["--rank", "8", "--alpha", "16"] if mode == "lora" else [])
                 for task in c["tasks"] for i in range(len(c["lr"]["lora"])) for mode in ("lora", "ff")
                 for lr in (c["lr"][mode][(i + 1) % len(c["lr"][mode])],)]  # the middle rate of each mode first
     if p is PROTOCOLS["conv"]:
@@ -112,24 +123,46 @@ def grid(figure, p):
     return runs
 
 
+def task_flags(task, p):
+    """--task and what goes with it: the max length, and the pair tasks' final dev subset (PROTOCOLS['conv'])."""
+    cap = p.get("final_dev_cap", {}).get(task)
+    return ["--task", task] + (["--max-len", str(p["max_len"][task])] if "max_len" in p else []) \
+        + (["--dev-cap", str(cap)] if cap else [])
+
+
+def figure_tasks(figure):
+    """The tasks a converged-protocol figure runs on."""
+    return ("cola",) if figure.startswith("cola") else PAIR_TASKS if figure.startswith("pair") else ("sst2",)
+
+
 def conv_grid(figure, p):
-    """The converged protocol's grids (issue 10 item 4, issue 12). BPA draws its rows from all rows, as the paper's
-    code does; every run records a curve of 8 evaluations on a fixed 256-row dev subset, then the whole dev set."""
-    task = "cola" if figure.startswith("cola") else "sst2"
-    if figure == "cola-calib":  # the chosen rates, one long clean run per mode (rule 3)
-        return [p["common"] + ["--task", "cola", "--mode", m, "--lr", p["lr"][m], "--steps", str(p["calib"]["steps"]),
-                               "--eval-every", str(p["calib"]["eval_every"])] for m in ("lora", "ff")]
+    """The converged protocol's grids (issue 10 item 4, issue 12, issue 23). BPA draws its rows from all rows, as the
+    paper's code does; every run records a curve of 8 evaluations on a fixed dev subset (256 rows; 512 on the pair
+    tasks), then the whole dev set (QQP: a 5,000-row subset)."""
+    if figure in ("cola-calib", "pair-calib"):  # the chosen rates, one long clean run per mode (rule 3)
+        curve = [] if figure == "cola-calib" else ["--curve-dev", str(p["pair_curve_dev"]["calib"])]
+        return [p["common"] + task_flags(task, p) + ["--mode", m, "--lr", p["lr"][m], "--steps",
+                                                     str(p["calib"]["steps"]), "--eval-every",
+                                                     str(p["calib"]["eval_every"])] + curve
+                + (["--rank", "8", "--alpha", "16"] if m == "lora" else [])
+                for task in figure_tasks(figure) for m in ("lora", "ff")]
+    return [flags for task in figure_tasks(figure) for flags in conv_task_grid(figure, task, p)]
+
+
+def conv_task_grid(figure, task, p):
     steps = (p["steps"] or {}).get(task)
     if steps is None:
         raise SystemExit(f"error: protocol conv has no step budget for {task} yet; apply the rule "
-                         f"(`python -m study.calibrate results/conv/results.jsonl`) and fill PROTOCOLS['conv']['steps']")
-    base = p["common"] + ["--task", task, "--steps", str(steps), "--eval-every", str(steps // p["curve_points"]),
-                          "--curve-dev", str(p["curve_dev"])]
+                         f"(`python -m study.calibrate results/conv/results.jsonl --task {task}`) and fill "
+                         "PROTOCOLS['conv']['steps']")
+    curve_dev = p["pair_curve_dev"]["grid"] if task in PAIR_TASKS else p["curve_dev"]
+    base = p["common"] + task_flags(task, p) + ["--steps", str(steps), "--eval-every", str(steps // p["curve_points"]),
+                                                "--curve-dev", str(curve_dev)]
     lora = base + ["--mode", "lora", "--rank", "8", "--alpha", "16", "--lr", p["lr"]["lora"]]
     ff = base + ["--mode", "ff", "--lr", p["lr"]["ff"]]
     bpa = lambda rate: attack_flags("bpa", rate) + ["--poison-pool", "any"]
     conds = [[], attack_flags("upa", p["upa_rate"])] + [bpa(r) for r in p["bpa_rates"]]
-    if figure in ("f12", "cola"):
+    if figure in ("f12", "cola", "pairs"):
         return [m + c for c in conds for m in (lora, ff)]
     sweep_conds = conds[:2] + [bpa(p["bpa_rate"])]  # clean (for the UPA drop), UPA, BPA
     low = [bpa(p["bpa_rates"][0])]  # the follow-up's BPA condition (CONV_STAGES)
@@ -156,7 +189,7 @@ def ready(figure, p):
         return True
     if p["lr"] is None:
         return False
-    return figure == "cola-calib" or (p["steps"] or {}).get("cola" if figure.startswith("cola") else "sst2") is not None
+    return figure.endswith("-calib") or all((p["steps"] or {}).get(t) is not None for t in figure_tasks(figure))
 
 
 def resolve(flags):

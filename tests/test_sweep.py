@@ -49,15 +49,39 @@ def test_conv_grids_and_the_low_bpa_follow_up(stub_glue):
 
 def test_conv_plan_runs_the_zoo_one_seed_at_a_time(stub_glue, tmp_path, capsys):
     """Every zoo condition (clean, UPA, BPA 0.45%, BPA 0.15%) of a seed is planned before the next seed's runs."""
-    (tmp_path / "glue" / "CoLA").mkdir()
-    for split in ("train", "dev"):
-        (tmp_path / "glue" / "CoLA" / f"{split}.tsv").write_text("")
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
     sweep.main(["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"),
                 "--runs-dir", str(tmp_path / "runs")])
     zoo = [line for line in capsys.readouterr().out.splitlines() if "/zoo" in line]
     seeds = [int(line.split("--seed ")[1].split()[0]) for line in zoo]
     assert len(zoo) == 3 * 4 * 6 and seeds == sorted(seeds)
     assert sum("/zoo-low/" in line for line in zoo[:24]) == 6  # seed 0 has its BPA 0.15% runs
+
+
+def stub_tasks(tmp_path, *names):
+    for name in names:
+        (tmp_path / "glue" / name).mkdir()
+        for split in ("train", "dev"):
+            (tmp_path / "glue" / name / f"{split}.tsv").write_text("")
+
+
+def test_conv_pair_tasks_run_seeds_0_to_2_of_both_tasks_first(stub_glue, tmp_path, capsys, monkeypatch):
+    """Issue 23: every F1/F2 cell of QNLI and QQP for seeds 0-2 before any seed 3-4 run; each task at its own max
+    length (QNLI 96, QQP 64), QQP's final point on a 5,000-row dev subset, curves on 512 dev rows."""
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
+    sweep.main(["pairs", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"),
+                "--runs-dir", str(tmp_path / "runs")])
+    lines = capsys.readouterr().out.splitlines()
+    seeds = [int(line.split("--seed ")[1].split()[0]) for line in lines]
+    assert len(lines) == 2 * 8 * 5 and seeds == sorted(seeds)
+    first = lines[:2 * 8 * 3]
+    assert sum("--task qnli" in ln for ln in first) == sum("--task qqp" in ln for ln in first) == 24
+    for ln in lines:
+        qnli = "--task qnli" in ln
+        assert ("--max-len 96" in ln) == qnli and ("--max-len 64" in ln) != qnli
+        assert ("--dev-cap 5000" in ln) != qnli and "--curve-dev 512" in ln
+        assert ("--steps 3000" in ln) == qnli and ("--eval-every 375" in ln) == qnli
 
 
 def test_estimate_by_hand(stub_glue):
