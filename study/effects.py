@@ -33,6 +33,9 @@ CEILING = 90.0  # ASR (points) at or above which, in every paired run of a contr
 # the paper's effect sizes where its text gives one (its figures are not in our copy): F1 from its 5-seed SST-2
 # numbers at UPA 0.3 (91.3 vs 90.8), F2 from "up to 30% improvement"; otherwise a reference effect of 2 x delta
 PAPER_EFFECT = {"F1": 0.5, "F2": 30.0}
+# F1 on QNLI and QQP: the paper says only that its gap is "more pronounced" there than on SST-2, and its figure is not
+# in our copy, so the reference is 2 x delta = 4 points (fixed 2026-12-01, before any attacked run of these tasks)
+PAPER_EFFECT_ON = {("F1", "qnli"): 4.0, ("F1", "qqp"): 4.0}
 
 
 def context(config):
@@ -87,7 +90,7 @@ def _row(finding, task, condition, what, diffs, sign, unit, saturated=False):
     if len(diffs) < 2:  # fewer than two paired seeds: no interval to report
         return None
     e = stats.effect(diffs, paper_sign=sign, delta=DELTA[unit])
-    ref = PAPER_EFFECT.get(finding, 2 * DELTA[unit])
+    ref = PAPER_EFFECT_ON.get((finding, task), PAPER_EFFECT.get(finding, 2 * DELTA[unit]))
     need = stats.seeds_needed(ref, e["sd"]) if e["n"] > 1 and e["sd"] > 0 else None
     return dict(finding=finding, task=task, condition=condition, what=what, ref=ref, seeds_needed=need,
                 saturated=saturated, **e)

@@ -385,13 +385,21 @@ HEADLINES = {
     "F3: BPA 0.15% (follow-up)": {"conv": ("F3", "sst2", "BPA 0.15%, rank 4 vs 384", None)},
     "F3 with rsLoRA: BPA 0.15% (follow-up)": {"conv": ("F3", "sst2", "BPA 0.15%, rank 4 vs 384 (rsLoRA)", None)},
     "F4: BPA 0.15% (follow-up)": {"conv": ("F4", "sst2", "BPA 0.15%, init_scale 0.0001 vs 2", None)},
-    "F1 on CoLA: UPA 0.3": {"conv": ("F1", "cola", "UPA 0.3", None)},
-    "F2 on CoLA: ASR FF - LoRA, BPA 0.15%": {"conv": ("F2", "cola", "BPA 0.15%", "ASR FF - LoRA")},
-    "F2 on CoLA: ASR FF - LoRA, BPA 0.45%": {"conv": ("F2", "cola", "BPA 0.45%", "ASR FF - LoRA")},
-    # raw and net, as on SST-2: on CoLA a model that calls most sentences acceptable (the target label) has a high raw ASR
-    "F2 on CoLA: net ASR FF - LoRA, BPA 0.15%": {"conv": ("F2", "cola", "BPA 0.15%", "net ASR FF - LoRA")},
-    "F2 on CoLA: net ASR FF - LoRA, BPA 0.45%": {"conv": ("F2", "cola", "BPA 0.45%", "net ASR FF - LoRA")},
 }
+
+
+def task_headlines(task, name):
+    """F1 and F2 (raw and net ASR, both BPA rates) of the converged protocol on one more task: raw and net, as on
+    SST-2, since a model that calls most inputs the target label (CoLA's 'acceptable') has a high raw ASR."""
+    rows = {f"F1 on {name}: UPA 0.3": {"conv": ("F1", task, "UPA 0.3", None)}}
+    for what in ("ASR FF - LoRA", "net ASR FF - LoRA"):
+        rows.update({f"F2 on {name}: {what}, BPA {rate}": {"conv": ("F2", task, f"BPA {rate}", what)}
+                     for rate in ("0.15%", "0.45%")})
+    return rows
+
+
+for _task, _name in (("cola", "CoLA"), ("qnli", "QNLI"), ("qqp", "QQP")):
+    HEADLINES.update(task_headlines(_task, _name))
 
 
 def headline_cell(rows, finding, task, cond, what):

@@ -62,12 +62,14 @@ def metrics(out):
         return json.load(f)
 
 
-def test_one_and_two_processes_agree(tiny_setup, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_one_and_two_processes_agree(tiny_setup, tmp_path, dtype):
     # same global batch (8); 1 process x 2 micro-steps == 2 processes x 1 micro-step, dropout included
     one = run_cli(base_args(tiny_setup, tmp_path / "one", "--attack", "bpa", "--poison-rate", "0.25",
-                            "--grad-accum", "2"))
+                            "--grad-accum", "2", "--dtype", dtype))
     assert one.returncode == 0, one.stderr
-    two = run_cli(base_args(tiny_setup, tmp_path / "two", "--attack", "bpa", "--poison-rate", "0.25"), nproc=2)
+    two = run_cli(base_args(tiny_setup, tmp_path / "two", "--attack", "bpa", "--poison-rate", "0.25", "--dtype", dtype),
+                  nproc=2)
     assert two.returncode == 0, two.stderr
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(a["train_loss"]) == 6
@@ -77,8 +79,9 @@ def test_one_and_two_processes_agree(tiny_setup, tmp_path):
         assert len(json.load(f)["indices"]) == 16  # round(0.25 * 64), chosen before sharding
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tiny_setup, tmp_path):
-    args = ["--steps", "60", "--ckpt-every", "5", "--mode", "ff"]
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_after_kill_equals_uninterrupted_run(tiny_setup, tmp_path, dtype):
+    args = ["--steps", "60", "--ckpt-every", "5", "--mode", "ff", "--dtype", dtype]
     full = run_cli(base_args(tiny_setup, tmp_path / "full", *args))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
@@ -96,7 +99,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_setup, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout
     a, b = metrics(tmp_path / "full"), metrics(out)
-    assert a["train_loss"] == b["train_loss"]  # bitwise, CPU fp32
+    assert a["train_loss"] == b["train_loss"]  # bitwise on the CPU, in fp32 and in bf16
     assert a["final"] == b["final"]
     assert before > 0 and b["wall_s"] == pytest.approx(before + b["process_wall_s"])  # time adds up across resumes
 
