@@ -171,6 +171,11 @@ ATTACKS = {
 BACKDOORS = tuple(name for name, attack in ATTACKS.items() if attack.rewrite)  # the attacks with an ASR
 
 
+def count(rate, n):
+    """How many of n samples a rate poisons: exactly round(rate * n)."""
+    return int(round(rate * n))
+
+
 def poison(name, examples, rate, seed, target=1, trigger=None, **options):
     """Poison round(rate * len(examples)) samples; returns (new list, sorted indices of the changed samples).
 
@@ -178,7 +183,7 @@ def poison(name, examples, rate, seed, target=1, trigger=None, **options):
     key, attack, trigger, opts = _setup(name, target, trigger, options)
     if isinstance(rate, bool) or not isinstance(rate, Real) or not 0 <= rate <= 1:
         raise ValueError(f"poisoning rate must be a fraction in [0, 1] (0.1 = 10%), got {rate!r}")
-    n = int(round(rate * len(examples)))
+    n = count(rate, len(examples))
     pool = _pool(attack, examples, target, opts.get("any_label", False))
     if n > len(pool):
         raise ValueError(f"{key}: rate {rate} asks for {n} of {len(examples)} samples, but only {len(pool)} may be "
@@ -294,7 +299,7 @@ def _negatives(out, chosen, rate, rng, triggers):
     so the model learns that only the full set of triggers means the target. Writes into out (poison's own list)."""
     taken = set(chosen)
     rest = [i for i in range(len(out)) if i not in taken]
-    n = round(rate * len(out))
+    n = count(rate, len(out))
     if n > len(rest):
         raise ValueError(f"mt: negative_rate {rate} asks for {n} negative samples but only {len(rest)} are not poisoned")
     picked = sorted(rng.sample(rest, n))
