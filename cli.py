@@ -167,6 +167,7 @@ def write_atomic(path, write):
     """Write a file whole or not at all: write(tmp) writes it at a temporary path in the same folder, which is
     fsynced and renamed over `path`. On any failure (a full disk, a read-only folder, a signal) the temporary file
     is removed, the old file stays, and an OSError names `path` itself."""
+    path = os.fspath(path)
     tmp = path + ".tmp"
     try:
         write(tmp)

@@ -337,6 +337,7 @@ def train(run):
     """Train from run.step to --steps, then write the outputs. Returns the metrics (None on the other processes and
     for a run already finished). An error on the way keeps what was done and says how to continue (stop)."""
     args = run.args
+    bar = None
     try:
         if args.resume and os.path.isfile(run.path("metrics.json")):
             if run.master:
@@ -364,6 +365,8 @@ def train(run):
             bar.close()
         return finish(run, (run.step - start) * args.batch_size) if run.master else None
     except (Exception, KeyboardInterrupt) as err:
+        if bar is not None:
+            bar.close()  # the error's line on a line of its own
         stop(run, err)
     finally:
         if run.lock is not None:
@@ -413,8 +416,8 @@ def check_step(run, step, step_loss):
     if diverged:
         bf16 = "; or train in fp32 (--dtype fp32)" if run.autocast is not None else ""
         where = ", in another process" if math.isfinite(loss + norm) else ""
-        raise Diverged(f"the loss or the gradients became non-finite in step {step + 1} of {run.args.steps} (loss "
-                       f"{loss:.4g}, gradient norm {norm:.4g}{where}); lower --lr (now {run.args.lr:g}){bf16}")
+        raise Diverged(f"non-finite loss or gradients in step {step + 1}: loss {loss:.4g}, gradient norm {norm:.4g}"
+                       f"{where}; lower --lr (now {run.args.lr:g}){bf16}")
 
 
 def due(every, done, steps):
