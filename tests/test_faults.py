@@ -17,6 +17,8 @@ import errno
 import json
 import os
 import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ import ledger
 import runspec
 import train
 from study import report
+from study import sweep
 from test_cli import state
 from test_train import tiny_setup  # noqa: F401 (a fixture)
 
@@ -330,3 +333,69 @@ def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):
     no_tmp(tmp_path)
     with pytest.raises(ValueError, match="non-finite number at v"):
         cli.write_json(path, {"v": float("inf")})
+
+
+def test_a_sweep_keeps_only_finished_finite_runs_and_a_second_one_completes_them(paths, tmp_path):
+    """A --jobs 2 sweep (study.sweep.run_all) of four tiny runs: one diverges, one is killed with SIGKILL, and the
+    sweep itself gets SIGTERM while the last one runs. Its results file then holds the one finished run, strict JSON;
+    a second invocation resumes the killed and the signalled runs from their checkpoints (the diverging one fails
+    again), and the file holds exactly the finished runs."""
+    folder, glue = paths
+    base = ["--model", folder, "--data-dir", glue, "--batch-size", "8", "--max-len", "16", "--ckpt-every", "5"]
+    long = base + ["--steps", "200", "--lr", "1e-3"]
+    pending = [("finishes", base + ["--steps", "4", "--seed", "1"]), ("diverges", base + FF + ["--lr", "1e30"]),
+               ("killed", long), ("signalled", long + ["--seed", "2"])]
+    runs, results = tmp_path / "runs", tmp_path / "res.jsonl"
+    sweeping = threading.Event()
+
+    def faults():
+        if wait_for(runs / "killed" / "ckpt.pt"):
+            os.kill(trainer_pid(runs / "killed"), signal.SIGKILL)
+        if wait_for(runs / "finishes" / "metrics.json") and wait_for(runs / "signalled" / "ckpt.pt") \
+                and sweeping.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)  # the sweep's own process: it goes on to the running runs
+    threading.Thread(target=faults, daemon=True).start()
+    sweeping.set()
+    try:
+        assert exit_code(lambda _: sweep.run_all(pending, 2, str(runs), str(results)), None) == 128 + signal.SIGTERM
+    finally:
+        sweeping.clear()
+    assert finished_outs(results) == ["finishes"]
+    assert "(SIGTERM); it holds a checkpoint at step" in (runs / "logs" / "signalled.log").read_text()
+    done = {runspec.run_key(r["config"]) for r in ledger.runs(results)}
+    rest = [(name, flags) for name, flags in pending if runspec.run_key(sweep.resolve(flags)) not in done]
+    assert [name for name, _ in rest] == ["diverges", "killed", "signalled"]
+    assert exit_code(lambda _: sweep.run_all(rest, 2, str(runs), str(results)), None) == 1  # the divergence again
+    assert finished_outs(results) == ["finishes", "killed", "signalled"]
+    for name in ("killed", "signalled"):
+        assert "resuming at step" in (runs / "logs" / f"{name}.log").read_text()
+    assert not (runs / "diverges" / "metrics.json").exists()
+
+
+def wait_for(path, seconds=120):
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.002)
+    return path.exists()
+
+
+def trainer_pid(out):
+    """The pid of the train.py process writing to `out` (from /proc: the sweep keeps its processes to itself)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode().split("\0")
+        except OSError:
+            continue
+        if "--out" in args and args[args.index("--out") + 1] == str(out):
+            return int(pid)
+    raise AssertionError(f"no trainer for {out}")
+
+
+def finished_outs(results):
+    """The run folders (names) with a line in the results file, after checking every line is strict JSON."""
+    def refuse(constant):
+        raise AssertionError(f"{constant} in {results}")
+    for line in results.read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+    return sorted(os.path.basename(r["out"]) for r in ledger.runs(results))
