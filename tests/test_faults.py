@@ -31,7 +31,7 @@ import train
 from study import report
 from study import sweep
 from test_cli import state
-from test_train import tiny_setup  # noqa: F401 (a fixture)
+from test_train import tiny_setup, trainer_pid  # noqa: F401 (tiny_setup is a fixture)
 
 FLAGS = ["--steps", "4", "--ckpt-every", "2", "--batch-size", "8", "--max-len", "16", "--lr", "1e-3"]
 FF = ["--mode", "ff"]
@@ -377,19 +377,6 @@ def wait_for(path, seconds=120):
     while not path.exists() and time.time() < deadline:
         time.sleep(0.002)
     return path.exists()
-
-
-def trainer_pid(out):
-    """The pid of the train.py process writing to `out` (from /proc: the sweep keeps its processes to itself)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().decode().split("\0")
-        except OSError:
-            continue
-        if "--out" in args and args[args.index("--out") + 1] == str(out):
-            return int(pid)
-    raise AssertionError(f"no trainer for {out}")
 
 
 def finished_outs(results):
