@@ -186,9 +186,10 @@ def poison(name, examples, rate, seed, target=1, trigger=None, **options):
     n = count(rate, len(examples))
     pool = _pool(attack, examples, target, opts.get("any_label", False))
     if n > len(pool):
+        fix = f"use a rate <= {len(pool)}/{len(examples)} (about {len(pool) / len(examples):.4f})" if pool else \
+            "this attack has nothing to poison in this data"
         raise ValueError(f"{key}: rate {rate} asks for {n} of {len(examples)} samples, but only {len(pool)} may be "
-                         f"poisoned ({_pool_rule(attack, target)}); use a rate <= {len(pool)}/{len(examples)} "
-                         f"(about {len(pool) / len(examples):.4f})"
+                         f"poisoned ({_pool_rule(attack, target)}); {fix}"
                          + ("; any_label=True picks among all samples, as the paper did" if "any_label" in opts else ""))
     rng = random.Random(seed)
     chosen = sorted(rng.sample(pool, n))

@@ -274,15 +274,15 @@ def load_checkpoint(run):
         ck = torch.load(path, map_location=run.device, weights_only=True)
         theirs, ours = set(ck["model"]), {n for n, p in run.net.named_parameters() if p.requires_grad}
         if theirs != ours:
-            raise ValueError(f"its weights are not this model's trainable ones ({sorted(theirs ^ ours)[:2]} ...)")
+            raise ValueError(f"another model's weights, e.g. {min(theirs ^ ours)}")
         run.net.load_state_dict(ck["model"], strict=False)
         run.opt.load_state_dict(ck["optimizer"])
         run.step, run.evals, run.losses = ck["step"], ck["evals"], ck["train_loss"]
         run.seconds = ck.get("seconds", 0.0)  # checkpoints before 2026-11-30 did not record it
-    except Exception as e:  # torch.load raises many kinds on a damaged file
-        why = (str(e).strip().splitlines() or [""])[0][:120]
-        raise cli.UsageError(f"{path}: not a readable checkpoint of this run ({type(e).__name__}: {why}); delete it to "
-                             "start the run again from step 0, or use --overwrite") from None
+    except Exception as e:  # torch.load raises many kinds on a damaged file, some with pages of advice
+        why = type(e).__name__ + (f": {e}" if str(e) and "\n" not in str(e) and len(str(e)) <= 100 else "")
+        raise cli.UsageError(f"{path}: not a readable checkpoint of this run ({why}); delete it to start the run "
+                             "again from step 0, or use --overwrite") from None
     run.saved = run.step
 
 
@@ -361,6 +361,8 @@ def train(run):
             if run.signalled:
                 raise Interrupted(run.signalled)
         SIGNALS.deferred = False
+        if SIGNALS.received:  # it arrived after the last step's check_step: stop as the loop would have
+            raise Interrupted(SIGNALS.received)
         if bar is not None:
             bar.close()
         return finish(run, (run.step - start) * args.batch_size) if run.master else None
@@ -520,7 +522,7 @@ def stop(run, err):
         try:
             write_checkpoint(run)
         except Exception as e:  # e.g. the disk is full: the last checkpoint stays
-            note = f" (saving a checkpoint failed too: {e})"
+            note = f" (saving a checkpoint failed too: {e.strerror if isinstance(e, OSError) else e})"
     if signum:
         why = signal.Signals(signum).name
     elif isinstance(err, (Diverged, OSError)):  # the message says it all; an OSError names its path

@@ -16,6 +16,7 @@ How the faults are made, in this process:
 import errno
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -74,6 +75,18 @@ def signal_in_step(signum, at=2):
     return lambda mp, d: mp.setattr(train, "train_step", step)
 
 
+def signal_after_check(signum, at=3):
+    """The signal arrives in step `at` (0-based) after check_step agreed on whether to stop (the last step's: after
+    the loop)."""
+    real = train.check_step
+
+    def check(run, k, loss):
+        real(run, k, loss)
+        if k == at:
+            os.kill(os.getpid(), signum)
+    return lambda mp, d: mp.setattr(train, "check_step", check)
+
+
 def signal_in_outputs(mp, d):
     """SIGTERM while the final weights are being written."""
     real = train.save_weights
@@ -96,16 +109,43 @@ def nan_gradient(at=2):
 
 
 # -----------------------------------------------------------------------------
-# what a case finds before it runs: prep(folder, paths, flags)
+# what a case finds before it runs: prep(folder, paths, flags, cache), cache a folder the module's cases share
 
-def stopped(d, paths, flags):
+def stop_early(d, paths, flags):
     """A run stopped by SIGTERM in its second step: ckpt.pt at step 2, no metrics.json."""
     with pytest.MonkeyPatch.context() as mp:
         signal_in_step(signal.SIGTERM, at=1)(mp, d)
         assert exit_code(train.main, argv(paths, d, flags)) == 128 + signal.SIGTERM
 
 
-def negatives(d, paths, flags):
+def finish(d, paths, flags):
+    assert train.main(argv(paths, d, flags)) is not None
+
+
+def made(make):
+    """A run (./run, ./res.jsonl) as make(folder, paths, flags) leaves it: made once per flags, then copied."""
+    def prep(d, paths, flags, cache):
+        done = cache / "-".join([make.__name__, *flags])
+        if not done.exists():
+            make(done, paths, flags)
+        shutil.copytree(done / "run", d / "run")
+        if (done / "res.jsonl").exists():
+            shutil.copy(done / "res.jsonl", d / "res.jsonl")
+    return prep
+
+
+stopped, finished = made(stop_early), made(finish)
+
+
+def foreign_ckpt(d, paths, flags, cache):
+    """A stopped run whose ckpt.pt is a stopped LoRA run's."""
+    stopped(d / "lora", paths, [], cache)
+    stopped(d, paths, flags, cache)
+    shutil.move(d / "lora" / "run" / "ckpt.pt", d / "run" / "ckpt.pt")
+    shutil.rmtree(d / "lora")
+
+
+def negatives(d, paths, flags, cache):
     """./neg: the tiny task's negative rows only, so clean-label BPA (target-label rows only) has nothing to poison."""
     for split in ("train", "dev"):
         rows = open(os.path.join(paths[1], "SST-2", f"{split}.tsv")).read().splitlines()
@@ -113,14 +153,10 @@ def negatives(d, paths, flags):
         (d / "neg" / "SST-2" / f"{split}.tsv").write_text("\n".join([rows[0]] + [r for r in rows[1:] if r[0] == "0"]) + "\n")
 
 
-def finished(d, paths, flags):
-    assert train.main(argv(paths, d, flags)) is not None
-
-
 def damaged(prep, name, how):
     """prep, then the file `name` in the run folder truncated to half, emptied, or overwritten with garbage."""
-    def damage(d, paths, flags):
-        prep(d, paths, flags)
+    def damage(d, paths, flags, cache):
+        prep(d, paths, flags, cache)
         path = d / "run" / name
         data = path.read_bytes()
         path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": b"\x00\xff not a file\n"}[how])
@@ -158,8 +194,9 @@ def one_line_no_metrics(d):
     no_tmp(d)
 
 
-TRAIN, EVAL, REPORT = train.main, lambda args: evaluate.main([args[args.index("--out") + 1]]), \
-    lambda args: report.main([args[args.index("--results") + 1], "--out", "rep"])
+TRAIN, RESUME = train.main, lambda args: train.main(args + ["--resume"])
+EVAL = lambda args: evaluate.main([args[args.index("--out") + 1]])  # noqa: E731
+REPORT = lambda args: report.main([args[args.index("--results") + 1], "--out", "rep"])  # noqa: E731
 UNCHANGED = "unchanged"  # the case leaves the folder exactly as it found it
 
 CASES = [  # (id, flags, prep, fault, command, exit code, words in the error line, check after, flags to continue)
@@ -173,36 +210,20 @@ CASES = [  # (id, flags, prep, fault, command, exit code, words in the error lin
      "round(0.005 x 64) = 0 of the 64 training rows", UNCHANGED, None),
     ("an attack with an empty pool", ["--data-dir", "neg", "--attack", "clbpa", "--poison-rate", "0.1"], negatives,
      None, TRAIN, 2, "only 0 may be poisoned", UNCHANGED, None),
-    # 3. damaged files read back: one line naming the file, exit 2, the folder as it was, no fresh start
-    ("ckpt.pt truncated", [], damaged(stopped, "ckpt.pt", "truncated"), None, lambda a: train.main(a + ["--resume"]),
-     2, "ckpt.pt: not a readable checkpoint of this run", UNCHANGED, None),
-    ("ckpt.pt empty", [], damaged(stopped, "ckpt.pt", "empty"), None, lambda a: train.main(a + ["--resume"]), 2,
-     "ckpt.pt: not a readable checkpoint of this run", UNCHANGED, None),
-    ("ckpt.pt garbage", [], damaged(stopped, "ckpt.pt", "garbage"), None, lambda a: train.main(a + ["--resume"]), 2,
-     "ckpt.pt: not a readable checkpoint of this run", UNCHANGED, None),
-    ("config.json truncated, --resume", [], damaged(stopped, "config.json", "truncated"), None,
-     lambda a: train.main(a + ["--resume"]), 2, "config.json: not a run's config.json (not valid JSON", UNCHANGED, None),
-    ("config.json empty, evaluate", [], damaged(finished, "config.json", "empty"), None, EVAL, 2,
-     "config.json: not a run's config.json (an empty file)", UNCHANGED, None),
-    ("adapter.safetensors truncated", [], damaged(finished, "adapter.safetensors", "truncated"), None, EVAL, 2,
-     "adapter.safetensors: cannot be read as safetensors", UNCHANGED, None),
-    ("adapter.safetensors empty", [], damaged(finished, "adapter.safetensors", "empty"), None, EVAL, 2,
-     "adapter.safetensors: cannot be read as safetensors", UNCHANGED, None),
-    ("adapter.safetensors garbage", [], damaged(finished, "adapter.safetensors", "garbage"), None, EVAL, 2,
-     "adapter.safetensors: cannot be read as safetensors", UNCHANGED, None),
-    ("model.safetensors truncated (FF)", FF, damaged(finished, "model/model.safetensors", "truncated"), None, EVAL, 2,
-     "model.safetensors: cannot be read as safetensors", UNCHANGED, None),
-    ("model's config.json garbage (FF)", FF, damaged(finished, "model/config.json", "garbage"), None, EVAL, 2,
-     "model/config.json: not a Hugging Face model's config.json", UNCHANGED, None),
-    ("metrics.json truncated", [], damaged(finished, "metrics.json", "truncated"), None, EVAL, 2,
-     "metrics.json: not a finished run's metrics.json", UNCHANGED, None),
-    ("results JSONL garbage", [], damaged(finished, "../res.jsonl", "garbage"), None, REPORT, 2,
-     "res.jsonl:1: not a JSON object", UNCHANGED, None),
+    # 3. damaged files read back (more below: READ_BACK): one line naming the file, exit 2, the folder as it was
+    ("ckpt.pt of another model", FF, foreign_ckpt, None, RESUME, 2,
+     "ckpt.pt: not a readable checkpoint of this run (ValueError: another model's weights", UNCHANGED, None),
+    ("config.json truncated, --resume", [], damaged(stopped, "config.json", "truncated"), None, RESUME, 2,
+     "config.json: not a run's config.json (not valid JSON", UNCHANGED, None),
     # 4. signals: finish the step, checkpoint it, say how to resume, exit 128 + the signal's number
     ("SIGTERM in a step", [], None, signal_in_step(signal.SIGTERM), TRAIN, 143,
      "stopped at step 3 of 4 (SIGTERM); it holds a checkpoint at step 3", ckpt_at(3), ["--resume"]),
     ("SIGINT in a step", FF, None, signal_in_step(signal.SIGINT), TRAIN, 130,
      "stopped at step 3 of 4 (SIGINT); it holds a checkpoint at step 3", ckpt_at(3), ["--resume"]),
+    ("SIGTERM in the last step, after its check", [], None, signal_after_check(signal.SIGTERM), TRAIN, 143,
+     "stopped at step 4 of 4 (SIGTERM); it holds a checkpoint at step 4", ckpt_at(4), ["--resume"]),
+    ("SIGTERM in a step, after its check", [], None, signal_after_check(signal.SIGTERM, at=0), TRAIN, 143,
+     "stopped at step 2 of 4 (SIGTERM); it holds a checkpoint at step 2", ckpt_at(2), ["--resume"]),
     ("SIGTERM in the final outputs", [], None, signal_in_outputs, TRAIN, 143,
      "stopped at step 4 of 4 (SIGTERM); it holds a checkpoint at step 4", ckpt_at(4), ["--resume"]),
     # 5. a full disk, a quota, a read-only folder: no torn file, the path named, a resume once it is fixed
@@ -225,9 +246,27 @@ CASES = [  # (id, flags, prep, fault, command, exit code, words in the error lin
 ]
 
 
+READ_BACK = [  # (file in the run folder, flags, how it was made, the command that reads it, words of its error)
+    ("ckpt.pt", [], stopped, RESUME, "ckpt.pt: not a readable checkpoint of this run"),
+    ("config.json", [], finished, EVAL, "config.json: not a run's config.json"),
+    ("adapter.safetensors", [], finished, EVAL, "adapter.safetensors: cannot be read as safetensors"),
+    ("model/model.safetensors", FF, finished, EVAL, "model.safetensors: cannot be read as safetensors"),
+    ("model/config.json", FF, finished, EVAL, "model/config.json: not a Hugging Face model's config.json"),
+    ("metrics.json", [], finished, EVAL, "metrics.json: not a finished run's metrics.json"),
+    ("../res.jsonl", [], finished, REPORT, "res.jsonl"),  # 1: not a JSON object (garbage), or no runs (a torn line)
+]
+CASES += [(f"{name.lstrip('./')} {how}", flags, damaged(prep, name, how), None, main, 2, words, UNCHANGED, None)
+          for name, flags, prep, main, words in READ_BACK for how in ("truncated", "empty", "garbage")]
+
+
 @pytest.fixture(scope="module")
 def paths(tiny_setup):
     return tiny_setup
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("made")
 
 
 REFERENCE = {}  # flags -> (metrics.json, results line) of the uninterrupted run
@@ -252,10 +291,11 @@ def read_outputs(d):
 
 @pytest.mark.parametrize("name, flags, prep, fault, main, code, words, check, again", CASES, ids=[c[0] for c in CASES])
 def test_fault_is_one_line_writes_nothing_wrong_and_resumes(name, flags, prep, fault, main, code, words, check, again,
-                                                             paths, tmp_path, tmp_path_factory, monkeypatch, capsys):
+                                                             paths, cache, tmp_path, tmp_path_factory, monkeypatch,
+                                                             capsys):
     monkeypatch.chdir(tmp_path)
     if prep:
-        prep(tmp_path, paths, flags)
+        prep(tmp_path, paths, flags, cache)
     before = state(tmp_path)
     capsys.readouterr()
     with monkeypatch.context() as mp:
