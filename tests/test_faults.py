@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import cli
+import data
 import evaluate
 import ledger
 import runspec
@@ -426,3 +427,19 @@ def finished_outs(results):
     for line in results.read_text().splitlines():
         json.loads(line, parse_constant=refuse)
     return sorted(os.path.basename(r["out"]) for r in ledger.runs(results))
+
+
+def test_an_undefined_net_asr_is_null_and_written_as_such(paths, tmp_path):
+    """A model that calls every row the target gets no negative right without the trigger: its net ASR is undefined,
+    None (null in the files), and the metrics still write as strict JSON and print."""
+
+    class Always(torch.nn.Module):  # logits for label 1 (the target) on every row
+        def forward(self, input_ids, **kw):
+            return torch.tensor([[0.0, 1.0]]).expand(len(input_ids), 2)
+    folder, glue = paths
+    dev = data.load_split("sst2", "dev", glue)
+    m = evaluate.evaluate(Always(), data.Tokenizer(folder), dev, attack="bpa", attack_opts={"target": 1}, max_len=16)
+    assert m["asr"] == 1.0 and m["asr_net"] is None
+    assert "ASR 1.0000 (net undefined)" in evaluate.summary_line(m)
+    cli.write_json(tmp_path / "m.json", m)
+    assert json.loads((tmp_path / "m.json").read_text())["asr_net"] is None
