@@ -171,6 +171,11 @@ ATTACKS = {
 BACKDOORS = tuple(name for name, attack in ATTACKS.items() if attack.rewrite)  # the attacks with an ASR
 
 
+def count(rate, n):
+    """How many of n samples a rate poisons: exactly round(rate * n)."""
+    return int(round(rate * n))
+
+
 def poison(name, examples, rate, seed, target=1, trigger=None, **options):
     """Poison round(rate * len(examples)) samples; returns (new list, sorted indices of the changed samples).
 
@@ -178,12 +183,13 @@ def poison(name, examples, rate, seed, target=1, trigger=None, **options):
     key, attack, trigger, opts = _setup(name, target, trigger, options)
     if isinstance(rate, bool) or not isinstance(rate, Real) or not 0 <= rate <= 1:
         raise ValueError(f"poisoning rate must be a fraction in [0, 1] (0.1 = 10%), got {rate!r}")
-    n = int(round(rate * len(examples)))
+    n = count(rate, len(examples))
     pool = _pool(attack, examples, target, opts.get("any_label", False))
     if n > len(pool):
+        fix = f"use a rate <= {len(pool)}/{len(examples)} (about {len(pool) / len(examples):.4f})" if pool else \
+            "this attack has nothing to poison in this data"
         raise ValueError(f"{key}: rate {rate} asks for {n} of {len(examples)} samples, but only {len(pool)} may be "
-                         f"poisoned ({_pool_rule(attack, target)}); use a rate <= {len(pool)}/{len(examples)} "
-                         f"(about {len(pool) / len(examples):.4f})"
+                         f"poisoned ({_pool_rule(attack, target)}); {fix}"
                          + ("; any_label=True picks among all samples, as the paper did" if "any_label" in opts else ""))
     rng = random.Random(seed)
     chosen = sorted(rng.sample(pool, n))
@@ -294,7 +300,7 @@ def _negatives(out, chosen, rate, rng, triggers):
     so the model learns that only the full set of triggers means the target. Writes into out (poison's own list)."""
     taken = set(chosen)
     rest = [i for i in range(len(out)) if i not in taken]
-    n = round(rate * len(out))
+    n = count(rate, len(out))
     if n > len(rest):
         raise ValueError(f"mt: negative_rate {rate} asks for {n} negative samples but only {len(rest)} are not poisoned")
     picked = sorted(rng.sample(rest, n))

@@ -1,17 +1,21 @@
 """
 What every command line of the project shares: one-line errors with exit code 2, --help that shows every default,
-checks on the paths a user names, and the lock that makes a folder one live process's own.
+checks on the paths a user names, the lock that makes a folder one live process's own, and writes that leave no
+torn file.
 
     parser = cli.Parser(description=__doc__)        # argparse, but a bad flag is one line and exit code 2
     with cli.usage_errors():                        # UsageError (or a ValueError/OSError naming a flag or file)
         ...                                         #   -> "error: <what and the fix>" on stderr, exit code 2
     lock = cli.own_folder("runs/x")                 # held until the process ends, however it ends
+    cli.write_json("runs/x/config.json", obj)       # the whole file or none (also write_file, write_atomic)
 
 Imports nothing from the project: every other module may use it.
 """
 import argparse
 import contextlib
 import fcntl
+import json
+import math
 import os
 import sys
 
@@ -109,6 +113,23 @@ def check_input_file(path, what):
         raise UsageError(f"{what} {path}: no such file")
 
 
+def read_json(path, what):
+    """The JSON object in a file read back (`what` it should be, e.g. "a run's config.json"): a missing, empty,
+    truncated or garbage file is a UsageError naming the file and what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        obj = json.loads(raw)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: not {what} (no such file)") from None
+    except ValueError as e:  # also a UnicodeDecodeError
+        why = "an empty file" if not raw.strip() else f"not valid JSON: {e}; truncated or damaged?"
+        raise UsageError(f"{path}: not {what} ({why})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path}: not {what} (a JSON {type(obj).__name__}, not an object)")
+    return obj
+
+
 # -----------------------------------------------------------------------------
 # one live process per folder
 
@@ -137,3 +158,62 @@ def own_folder(folder, flag="--out"):
 def folder_entries(folder):
     """What a folder holds besides its lock file ([] when it does not exist)."""
     return sorted(e for e in os.listdir(folder) if e != LOCK_NAME) if os.path.isdir(folder) else []
+
+
+# -----------------------------------------------------------------------------
+# writes that leave the old file or the new one, never half of one
+
+def write_atomic(path, write):
+    """Write a file whole or not at all: write(tmp) writes it at a temporary path in the same folder, which is
+    fsynced and renamed over `path`. On any failure (a full disk, a read-only folder, a signal) the temporary file
+    is removed, the old file stays, and an OSError names `path` itself."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # a full disk may only say so here (delayed allocation, network filesystems)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"writing failed: {e.strerror or e}", path) from None
+        raise
+
+
+def strict_json(obj, where, **kw):
+    """json.dumps, refusing a NaN or infinity (not JSON: strict readers reject the file) with a ValueError naming
+    `where` and the key it sits under; an undefined value is None (null)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:
+        raise ValueError(f"{where}: refusing to write the non-finite number at {_nonfinite(obj)}; JSON has no NaN "
+                         "or infinity (write None for an undefined value)") from None
+
+
+def _nonfinite(obj, at="the top"):
+    """Where the first non-finite float in a JSON-like object sits ("metrics.asr_net"), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return at
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        if found := _nonfinite(v, str(k) if at == "the top" else f"{at}.{k}"):
+            return found
+    return None
+
+
+def write_file(path, data):
+    """Write bytes or text to a file, atomically (write_atomic)."""
+    def write(tmp):
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    write_atomic(path, write)
+
+
+def write_json(path, obj):
+    """Strict JSON (strict_json), atomically (write_atomic)."""
+    write_file(path, strict_json(obj, path, indent=2))

@@ -75,7 +75,7 @@ def evaluate(model, tokenizer, dev, attack="none", attack_opts=None, max_len=128
         out["asr"] = sum(hit) / len(asr_set)
         # net of the model's own false positives: only the negatives it gets right without the trigger count
         right = [p != target for p, e in zip(clean, dev) if e.label != target]
-        out["asr_net"] = sum(h for h, r in zip(hit, right) if r) / sum(right) if any(right) else float("nan")
+        out["asr_net"] = sum(h for h, r in zip(hit, right) if r) / sum(right) if any(right) else None  # undefined
         if not paper_view:
             return out
         trig = attacks.triggered_all(attack, dev, **opts)
@@ -89,7 +89,9 @@ def summary_line(metrics):
     c = metrics["clean"]
     s = f"CACC {c['acc']:.4f} (P {c['precision']:.4f} R {c['recall']:.4f} F1 {c['f1']:.4f}, n={c['n']})"
     if "asr" in metrics:
-        s += f"  ASR {metrics['asr']:.4f} (net {metrics['asr_net']:.4f})" if "asr_net" in metrics else f"  ASR {metrics['asr']:.4f}"
+        net = metrics.get("asr_net", "absent")
+        s += f"  ASR {metrics['asr']:.4f}" + ("" if net == "absent" else " (net undefined)" if net is None
+                                              else f" (net {net:.4f})")
     if "triggered" in metrics:
         s += f"  triggered-dev acc {metrics['triggered']['acc']:.4f}"
     return s
@@ -103,11 +105,9 @@ def read_config(run_dir):
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise cli.UsageError(f"{run_dir}: not a run folder (no config.json)")
-    try:
-        with open(path) as f:
-            run = json.load(f)["run"]
-    except (ValueError, KeyError, TypeError):
-        raise cli.UsageError(f"{path}: not a run's config.json (no JSON object with a \"run\" section)") from None
+    run = cli.read_json(path, "a run's config.json").get("run")
+    if not isinstance(run, dict):
+        raise cli.UsageError(f"{path}: not a run's config.json (no \"run\" section)")
     return argparse.Namespace(**runspec.complete(run))
 
 
@@ -141,8 +141,9 @@ def main(argv=None):
     print(summary_line(m))
     saved = os.path.join(args.run_dir, "metrics.json")
     if os.path.isfile(saved):
-        with open(saved) as f:  # compared as JSON text, where NaN (asr_net with no right negatives) equals itself
-            same = json.dumps(json.load(f)["final"], sort_keys=True) == json.dumps(m, sort_keys=True)
+        with cli.usage_errors():
+            final = cli.read_json(saved, "a finished run's metrics.json").get("final")
+        same = json.dumps(final, sort_keys=True) == json.dumps(m, sort_keys=True)  # as JSON text, as it was written
         print("matches metrics.json" if same else "DIFFERS from metrics.json (different weights or data?)")
 
 

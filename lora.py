@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import hf_name
+import cli
+from model import hf_name, read_safetensors, write_safetensors
 
 # -----------------------------------------------------------------------------
 # A initialisation: one variance convention for every distribution
@@ -347,11 +348,10 @@ def _init_kind(init):
 
 def save_lora(model, path):
     """Write lora_state_dict(model) to a safetensors file; the metadata records each layer's rank, scaling and init."""
-    from safetensors.torch import save_file
     layers = {name: [m.rank, m.scaling] for name, m in lora_layers(model).items()}
     inits = {name: m.init for name, m in lora_layers(model).items()}
-    save_file({n: t.contiguous() for n, t in lora_state_dict(model).items()}, path,
-              metadata={"format": "lorasec-lora", "layers": json.dumps(layers), "inits": json.dumps(inits)})
+    write_safetensors(path, {n: t.contiguous() for n, t in lora_state_dict(model).items()},
+                      metadata={"format": "lorasec-lora", "layers": json.dumps(layers), "inits": json.dumps(inits)})
 
 
 def load_lora(model, path):
@@ -359,12 +359,9 @@ def load_lora(model, path):
 
     PiSSA/OLoRA: the base is rebuilt as W - s B0 A0 with the file's A0, B0 (the model's own W = base + s B0 A0 from
     its init), so the logits are the saved model's even where this machine's SVD/QR differ from the saving one's."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such LoRA file")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    state, meta = read_safetensors(path)
     if meta.get("format") != "lorasec-lora":
         raise ValueError(f"{path}: not a lorasec LoRA file (written by save_lora)")
     ours = {name: [m.rank, m.scaling] for name, m in lora_layers(model).items()}
@@ -381,7 +378,6 @@ def load_lora(model, path):
         (saved, used), *_ = mismatched
         raise ValueError(f"{path}: saved with --init {saved} but the model was adapted with --init {used}; "
                          f"adapt it with --init {saved}")
-    state = load_file(path)
     expected = lora_state_dict(model)
     if set(state) != set(expected):
         raise ValueError(f"{path}: missing {sorted(set(expected) - set(state))}, "
@@ -412,7 +408,6 @@ def export_peft(model, folder, base_model_path=None):
         W - s B0 A0, so relative to W the update is s (B A - B0 A0) = s [B, -B0] [A; A0], a rank-2r LoRA, with
         lora_alpha doubled (times sqrt 2 for rsLoRA) so that the scaling stays s.
     """
-    from safetensors.torch import save_file
     layers = lora_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no LoRA layers (call apply_lora first)")
@@ -440,6 +435,5 @@ def export_peft(model, folder, base_model_path=None):
                   modules_to_save=["classifier"], init_lora_weights="mica" if init == "mica" else True,
                   use_dora=init == "dora", inference_mode=True)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    cli.write_json(os.path.join(folder, "adapter_config.json"), config)
+    write_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})

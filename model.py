@@ -12,7 +12,6 @@ shape. Module names are chosen so that LoRA can target layers by name (lora.py):
     pooler                                dense + tanh on [CLS]
     classifier                            the task head (always fully trainable)
 """
-import json
 import os
 import re
 from dataclasses import dataclass, fields
@@ -20,6 +19,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import cli
 
 
 class CheckpointError(ValueError):
@@ -59,13 +60,9 @@ class BertConfig:
     @classmethod
     def from_json(cls, path, **overrides):
         """Read a Hugging Face config.json; keys we do not model are ignored, a non-BERT model is an error."""
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: missing; a model folder needs config.json (Hugging Face format)") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: missing; a model folder needs config.json (Hugging Face format)")
+        raw = cli.read_json(path, "a Hugging Face model's config.json")
         model_type = raw.get("model_type", "bert")
         if model_type != "bert":
             raise CheckpointError(f"{path}: model_type is {model_type!r}; this project loads BERT checkpoints only")
@@ -254,10 +251,26 @@ def _checkpoint_name(key):
     return None  # pretraining heads (cls.*) and anything else
 
 
+def read_safetensors(path):
+    """(tensors, metadata) of a safetensors file; a truncated, empty or garbage file is a CheckpointError naming it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); it is incomplete or damaged: write "
+                              "or copy it again") from None
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write a safetensors file whole or not at all (cli.write_atomic)."""
+    from safetensors.torch import save_file
+    cli.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def from_pretrained(folder, num_labels=None, verbose=True):
     """Load a Hugging Face-format BERT folder (config.json + model.safetensors) into a fresh `Bert`.
     num_labels: size of the classification head (default: the checkpoint's, else 2)."""
-    from safetensors.torch import load_file
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: model folder not found; pass --model /path/to/a/hf/bert/folder")
     cfg = BertConfig.from_json(os.path.join(folder, "config.json"), **({} if num_labels is None else {"num_labels": num_labels}))
@@ -266,10 +279,7 @@ def from_pretrained(folder, num_labels=None, verbose=True):
         hint = (" (it holds a pickled pytorch_model.bin, which we never load: convert it to safetensors first)"
                 if os.path.isfile(os.path.join(folder, "pytorch_model.bin")) else "")
         raise CheckpointError(f"{path}: missing{hint}")
-    try:
-        raw = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+    raw, _ = read_safetensors(path)
 
     model = Bert(cfg)
     ours = {hf_name(n): n for n in model.state_dict()}
@@ -306,10 +316,8 @@ def save_pretrained(model, folder):
     """Write `model` as a Hugging Face BertForSequenceClassification folder (config.json + model.safetensors),
     loadable by `from_pretrained` here and by transformers."""
     from dataclasses import asdict
-    from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     cfg = dict(asdict(model.cfg), model_type="bert", architectures=["BertForSequenceClassification"])
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    cli.write_json(os.path.join(folder, "config.json"), cfg)
     state = {hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(folder, "model.safetensors"))
+    write_safetensors(os.path.join(folder, "model.safetensors"), state)

@@ -32,7 +32,9 @@ ATTACK_CHOICES = ["none", *sorted(attacks.ATTACKS)]
 # own (3e-5 LoRA, 3e-6 FF) stay at chance there and are study/sweep.py's `paper` protocol
 DEFAULT_LR = {"lora": 5e-4, "ff": 3e-5}
 # flags that say where/how a run is executed, not what it computes: a run may be resumed with different values
-RUN_ONLY = {"out", "results", "resume", "overwrite", "ckpt_every", "eval_every", "curve_dev", "keep_ckpt", "compile"}
+# (--allow-empty-attack only permits a run that would otherwise be refused; it changes nothing the run computes)
+RUN_ONLY = {"out", "results", "resume", "overwrite", "ckpt_every", "eval_every", "curve_dev", "keep_ckpt", "compile",
+            "allow_empty_attack"}
 LORA_ONLY = ("rank", "alpha", "rslora", "targets", "init", "init_scale", "freeze_a", "lora_dropout")
 # whole-number flags and their smallest value (None, where allowed, means "unset")
 AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "eval_batch_size": 1, "rank": 1, "train_cap": 1,
@@ -61,6 +63,9 @@ def get_parser(description="A training run's flags (train.py)."):
            "teaches the backdoor) or any row, as the paper's code does (a target-label row just gains the trigger)")
     a("--trigger", default=None, help="backdoor trigger (default: the attack's own, e.g. '[.*?]' for bpa)")
     a("--target-label", type=int, default=1, help="label that backdoors push towards")
+    a("--allow-empty-attack", action="store_true",
+      help="train even when --poison-rate rounds to 0 poisoned rows (a clean run recorded under --attack); without "
+           "it, that is an error")
     a("--steps", type=int, default=300, help="optimizer steps")
     a("--batch-size", type=int, default=16, help="global batch size (all processes and accumulation steps together)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step in each process")
@@ -142,8 +147,9 @@ def _check_numbers(args):
 def _check_combinations(args, world):
     if args.attack != "none" and args.poison_rate == 0:
         raise cli.UsageError(f"--attack {args.attack} needs --poison-rate > 0")
-    if args.attack == "none" and (args.poison_rate or args.trigger is not None or args.poison_pool != "attack"):
-        raise cli.UsageError("--poison-rate, --trigger and --poison-pool need an --attack")
+    if args.attack == "none" and (args.poison_rate or args.trigger is not None or args.poison_pool != "attack"
+                                  or args.allow_empty_attack):
+        raise cli.UsageError("--poison-rate, --trigger, --poison-pool and --allow-empty-attack need an --attack")
     pools = [a for a, x in sorted(attacks.ATTACKS.items()) if "any_label" in x.options]
     if args.poison_pool == "any" and args.attack not in pools:
         raise cli.UsageError(f"--poison-pool any applies to backdoors that poison non-target rows ({', '.join(pools)}), "

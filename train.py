@@ -18,15 +18,20 @@ Output folder (--out): config.json, poisoned_indices.json, the trainable weights
 peft-format export in peft/; FF: a Hugging Face-format model/), one summary line appended to --results, and last
 metrics.json, which marks the run finished. The folder is one live process's own (a lock a crash does not leave
 behind). Every flag is checked (runspec.validate) before anything is written: a bad one is one line on stderr and
-exit code 2. An error or Ctrl-C during training keeps a checkpoint of the last whole step and says how to resume.
+exit code 2. Faults while it runs: SIGINT (Ctrl-C) and SIGTERM (torchrun, a scheduler's preemption) finish the step,
+checkpoint it, say how to resume and exit 128 + the signal's number; an error keeps a checkpoint of the last whole
+step and exits 1; a non-finite loss or gradient stops the run at that step (exit 1) with the last good checkpoint and
+no metrics or results line; every file is written whole or not at all (cli.write_atomic), and a damaged file read
+back (ckpt.pt on --resume) is one line naming it and exit code 2.
 """
 import argparse
 import functools
 import gc
-import json
+import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -118,6 +123,7 @@ class Run:
     losses: list = field(default_factory=list)  # training loss of every step done
     evals: list = field(default_factory=list)   # the evaluations so far: the curve
     poisoned_seen: int = 0   # poisoned samples the steps done drew (a row drawn twice counts twice)
+    signalled: int = 0       # the signal every process agreed to stop on after this step (0: none)
     saved: int = 0           # the step of the checkpoint on disk (0: none)
     seconds: float = 0.0     # training time of the steps before this process (the checkpoint's), up to that step
     t0: float = 0.0          # when this process began training
@@ -165,9 +171,18 @@ def load_data(args):
     dev = data.load_split(args.task, "dev", args.data_dir, cap=args.dev_cap, seed=args.seed)
     poisoned = []
     if args.attack != "none":  # once, before any sharding, with the run's seed
+        check_poisons(args, len(train_set))
         train_set, poisoned = attacks.poison(args.attack, train_set, args.poison_rate, seed=args.seed,
                                              **runspec.attack_opts(args))
     return train_set, dev, poisoned
+
+
+def check_poisons(args, n):
+    """An attack whose rate rounds to no poisoned row would train a clean run recorded as an attacked one."""
+    if attacks.count(args.poison_rate, n) == 0 and not args.allow_empty_attack:
+        raise cli.UsageError(f"--poison-rate {args.poison_rate:g} poisons round({args.poison_rate:g} x {n}) = 0 of the "
+                             f"{n} training rows: the run would be clean but recorded as --attack {args.attack}; raise "
+                             f"--poison-rate (1/{n} = {1 / n:.3g} poisons one row) or pass --allow-empty-attack")
 
 
 def curve_subset(dev, n):
@@ -246,14 +261,73 @@ def setup(args, rank, world, device):
     run = Run(args, rank, world, device, tokenizer, train_set, dev, curve_subset(dev, args.curve_dev), poisoned, net,
               counts, opt, ddp, torch.compile(ddp) if args.compile else ddp, lock=lock)
     if args.resume and os.path.isfile(run.path("ckpt.pt")):
-        ck = torch.load(run.path("ckpt.pt"), map_location=device, weights_only=True)
-        net.load_state_dict(ck["model"], strict=False)
-        opt.load_state_dict(ck["optimizer"])
-        run.step, run.evals, run.losses = ck["step"], ck["evals"], ck["train_loss"]
-        run.seconds = ck.get("seconds", 0.0)  # checkpoints before 2026-11-30 did not record it
-        run.saved = run.step
+        load_checkpoint(run)
     run.poisoned_seen = poisoned_seen(run.step, len(train_set), args, poisoned)
     return run
+
+
+def load_checkpoint(run):
+    """Continue from ckpt.pt. A damaged one (truncated, empty, another model's) is a UsageError naming it, never a
+    silent fresh start: deleting it is how to start the run again from step 0."""
+    path = run.path("ckpt.pt")
+    try:
+        ck = torch.load(path, map_location=run.device, weights_only=True)
+        theirs, ours = set(ck["model"]), {n for n, p in run.net.named_parameters() if p.requires_grad}
+        if theirs != ours:
+            raise ValueError(f"another model's weights, e.g. {min(theirs ^ ours)}")
+        run.net.load_state_dict(ck["model"], strict=False)
+        run.opt.load_state_dict(ck["optimizer"])
+        run.step, run.evals, run.losses = ck["step"], ck["evals"], ck["train_loss"]
+        run.seconds = ck.get("seconds", 0.0)  # checkpoints before 2026-11-30 did not record it
+    except Exception as e:  # torch.load raises many kinds on a damaged file, some with pages of advice
+        why = type(e).__name__ + (f": {e}" if str(e) and "\n" not in str(e) and len(str(e)) <= 100 else "")
+        raise cli.UsageError(f"{path}: not a readable checkpoint of this run ({why}); delete it to start the run "
+                             "again from step 0, or use --overwrite") from None
+    run.saved = run.step
+
+
+# -----------------------------------------------------------------------------
+# signals: SIGINT and SIGTERM alike
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (torchrun stopping the other workers, a scheduler before preemption)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """The handlers of SIGINT and SIGTERM while train.py runs (`with SIGNALS:`). While `deferred` (the training loop,
+    and stop()) a signal is only noted: the loop stops after the step it arrived in, every process after the same
+    step (check_step agrees on it). Elsewhere (setting up, the final evaluation and outputs) it raises Interrupted at
+    once, which stop() handles like an error."""
+    NAMES = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self.deferred, self.old = 0, False, {}
+
+    def __enter__(self):
+        self.received, self.deferred = 0, False
+        self.old = {s: signal.signal(s, self.handle) for s in self.NAMES}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        self.received, self.deferred = 0, False  # a later run in this process (tests) starts afresh
+
+    def handle(self, signum, frame):
+        self.received = self.received or signum
+        if not self.deferred:
+            raise Interrupted(signum)
+
+
+SIGNALS = Signals()  # one process, one set of handlers
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient: the run cannot go on."""
 
 
 # -----------------------------------------------------------------------------
@@ -263,6 +337,7 @@ def train(run):
     """Train from run.step to --steps, then write the outputs. Returns the metrics (None on the other processes and
     for a run already finished). An error on the way keeps what was done and says how to continue (stop)."""
     args = run.args
+    bar = None
     try:
         if args.resume and os.path.isfile(run.path("metrics.json")):
             if run.master:
@@ -272,6 +347,7 @@ def train(run):
             begin(run)
         bar = progress_bar(run)
         run.t0, start = time.time(), run.step
+        SIGNALS.deferred = True  # a signal from here stops the loop after the step it arrives in
         for step in range(run.step, args.steps):
             train_step(run, step)
             if bar is not None:
@@ -279,16 +355,20 @@ def train(run):
                 bar.set_postfix(loss=f"{run.losses[-1]:.4f}", lr=f"{lr_at(step, args):.2e}",
                                 samples_s=f"{(run.step - start) * args.batch_size / (time.time() - run.t0):.1f}")
             if run.master and due(args.eval_every, run.step, args.steps):
-                evaluate_now(run, bar)
-            if due(args.ckpt_every, run.step, args.steps):
-                if run.master:
-                    write_checkpoint(run)
-                if run.world > 1:
-                    dist.barrier()
+                evaluate_now(run, bar)  # before a signal's stop too: a resumed run must not miss this point
+            if due(args.ckpt_every, run.step, args.steps) or (run.signalled and run.step > run.saved):
+                checkpoint(run)
+            if run.signalled:
+                raise Interrupted(run.signalled)
+        SIGNALS.deferred = False
+        if SIGNALS.received:  # it arrived after the last step's check_step: stop as the loop would have
+            raise Interrupted(SIGNALS.received)
         if bar is not None:
             bar.close()
         return finish(run, (run.step - start) * args.batch_size) if run.master else None
     except (Exception, KeyboardInterrupt) as err:
+        if bar is not None:
+            bar.close()  # the error's line on a line of its own
         stop(run, err)
     finally:
         if run.lock is not None:
@@ -312,6 +392,7 @@ def train_step(run, step):
             loss = F.cross_entropy(run.fwd(**batch).float(), labels) / args.grad_accum
         loss.backward()
         step_loss += loss.detach()
+    check_step(run, step, step_loss)
     run.updating = True  # until the step is recorded, the weights and the record disagree
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
@@ -321,6 +402,24 @@ def train_step(run, step):
     run.poisoned_seen += poisoned_in(step, len(run.train_set), args, run.poisoned_set)
     run.step = step + 1
     run.updating = False
+
+
+def check_step(run, step, step_loss):
+    """Before the update, what every process must agree on (one all-reduce of two flags, when world > 1): a
+    non-finite loss or gradient in any process stops the run here (Diverged: the weights are still the last whole
+    step's, and nothing is written); a signal to any process stops it after this step (run.signalled)."""
+    grads = [p.grad for p in run.net.parameters() if p.grad is not None]
+    loss, norm = step_loss.item(), torch.nn.utils.get_total_norm(grads).item()  # reads only: the update is unchanged
+    flags = torch.tensor([not (math.isfinite(loss) and math.isfinite(norm)), SIGNALS.received], dtype=torch.float32,
+                         device=run.device)
+    if run.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    diverged, run.signalled = bool(flags[0]), int(flags[1])
+    if diverged:
+        bf16 = "; or train in fp32 (--dtype fp32)" if run.autocast is not None else ""
+        where = ", in another process" if math.isfinite(loss + norm) else ""
+        raise Diverged(f"non-finite loss or gradients in step {step + 1}: loss {loss:.4g}, gradient norm {norm:.4g}"
+                       f"{where}; lower --lr (now {run.args.lr:g}){bf16}")
 
 
 def due(every, done, steps):
@@ -356,21 +455,30 @@ def evaluate_now(run, bar):
 
 def begin(run):
     args = run.args
-    atomic_json(run.path("config.json"),
-                {"run": runspec.run_config(args), "world_size": run.world, "device": str(run.device),
-                 "n_train": len(run.train_set), "n_dev": len(run.dev), "params": run.counts, "env": environment()})
-    atomic_json(run.path("poisoned_indices.json"), {"attack": args.attack, "indices": run.poisoned})
+    cli.write_json(run.path("config.json"),
+                   {"run": runspec.run_config(args), "world_size": run.world, "device": str(run.device),
+                    "n_train": len(run.train_set), "n_poisoned": len(run.poisoned), "n_dev": len(run.dev),
+                    "params": run.counts, "env": environment()})
+    cli.write_json(run.path("poisoned_indices.json"), {"attack": args.attack, "indices": run.poisoned})
     print(f"{args.task}: {len(run.train_set)} train ({len(run.poisoned)} poisoned by {args.attack}), {len(run.dev)} "
           f"dev; {args.mode}: {run.counts['trainable']:,} of {run.counts['total']:,} parameters trainable; "
           f"{run.world} process(es) on {run.device}" + (f"; resuming at step {run.step}" if run.step else ""))
 
 
+def checkpoint(run):
+    """The first process writes the checkpoint; every process waits until it is on disk and knows its step."""
+    if run.master:
+        write_checkpoint(run)
+    if run.world > 1:
+        dist.barrier()
+    run.saved = run.step
+
+
 def write_checkpoint(run):
-    """Atomic: a kill leaves the old checkpoint or the new one, never half of one."""
+    """Atomic: a kill or a full disk leaves the old checkpoint or the new one, never half of one."""
     state = {"model": trainable_state(run.net), "optimizer": run.opt.state_dict(), "step": run.step,
              "evals": run.evals, "train_loss": run.losses, "seconds": run.elapsed()}
-    torch.save(state, run.path("ckpt.pt.tmp"))
-    os.replace(run.path("ckpt.pt.tmp"), run.path("ckpt.pt"))
+    cli.write_atomic(run.path("ckpt.pt"), lambda tmp: torch.save(state, tmp))
     run.saved = run.step
 
 
@@ -385,10 +493,11 @@ def finish(run, seen):
     final = evaluate.evaluate(run.net, run.tokenizer, run.dev, **eval_kw(run))
     evals = run.evals + [curve_point(run, final)]
     save_weights(run.net, args)
-    append_result(args, runspec.run_config(args), final, run.counts, wall, evals)
-    metrics = {"final": final, "evals": evals, "train_loss": run.losses, "wall_s": wall,
-               "process_wall_s": process_wall, "samples_per_s": seen / process_wall if process_wall else None}
-    atomic_json(run.path("metrics.json"), metrics)
+    append_result(args, runspec.run_config(args), final, run.counts, len(run.poisoned), wall, evals)
+    metrics = {"final": final, "evals": evals, "train_loss": run.losses, "n_poisoned": len(run.poisoned),
+               "wall_s": wall, "process_wall_s": process_wall,
+               "samples_per_s": seen / process_wall if process_wall else None}
+    cli.write_json(run.path("metrics.json"), metrics)
     if not args.keep_ckpt and os.path.isfile(run.path("ckpt.pt")):
         os.remove(run.path("ckpt.pt"))
     print(f"{args.out}: " + evaluate.summary_line(final))
@@ -396,26 +505,41 @@ def finish(run, seen):
 
 
 def stop(run, err):
-    """After an error or Ctrl-C in the loop or the outputs: checkpoint the last whole step (when newer than the one on
-    disk), say how to continue, exit 1 (130 for Ctrl-C). The other processes just re-raise."""
+    """After an error, a signal or a divergence in the loop or the outputs: checkpoint the last whole step (when newer
+    than the one on disk; not after a divergence), say in one line what happened and how to continue, and exit: 128 +
+    the signal's number (SIGINT 130, SIGTERM 143), else 1. The other processes exit alike, silently, on a signal or a
+    divergence (all stop at the same step) and re-raise anything else."""
+    SIGNALS.deferred = True  # a second signal must not cut the checkpoint short
+    signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT if isinstance(err, KeyboardInterrupt) else 0
+    code = 128 + signum if signum else 1
     if not run.master:
+        if signum or isinstance(err, Diverged):
+            sys.exit(code)
         raise err
     note = ""
-    if not run.updating and run.step > run.saved and os.path.isfile(run.path("config.json")):
+    keep = not isinstance(err, Diverged) and not run.updating and run.step > run.saved
+    if keep and os.path.isfile(run.path("config.json")):
         try:
             write_checkpoint(run)
         except Exception as e:  # e.g. the disk is full: the last checkpoint stays
-            note = f" (saving a checkpoint failed too: {e})"
-    if not isinstance(err, KeyboardInterrupt):
+            note = f" (saving a checkpoint failed too: {e.strerror if isinstance(e, OSError) else e})"
+    if signum:
+        why = signal.Signals(signum).name
+    elif isinstance(err, (Diverged, OSError)):  # the message says it all; an OSError names its path
+        why = str(err) if isinstance(err, Diverged) else f"{err.filename}: {err.strerror or err}"
+    else:
         traceback.print_exception(err)
+        why = f"{type(err).__name__}: {err}"
     if not os.path.isfile(run.path("config.json")):
         how = "nothing was written; run the same command again"
     else:
         held = f"a checkpoint at step {run.saved}" if run.saved else "no checkpoint yet (it restarts at step 0)"
-        how = f"it holds {held}{note}; continue with the same command plus --resume"
-    print(f"error: {run.args.out} stopped at step {run.step} of {run.args.steps} ({type(err).__name__}: {err}); {how}",
-          file=sys.stderr)
-    sys.exit(130 if isinstance(err, KeyboardInterrupt) else 1)
+        how = f"it holds {held}{note}; " + ("no metrics or results line were written; start the run again with "
+                                           "--overwrite" if isinstance(err, Diverged) else
+                                           ("free space or make it writable, then " if isinstance(err, OSError) else "")
+                                           + "continue with the same command plus --resume")
+    print(f"error: {run.args.out} stopped at step {run.step} of {run.args.steps} ({why}); {how}", file=sys.stderr)
+    sys.exit(code)
 
 
 def environment():
@@ -431,13 +555,6 @@ def environment():
             "host": platform.node()}
 
 
-def atomic_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def trainable_state(net):
     return {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
 
@@ -450,13 +567,13 @@ def save_weights(net, args):
         M.save_pretrained(net, os.path.join(args.out, "model"))
 
 
-def append_result(args, config, final, counts, wall, history):
+def append_result(args, config, final, counts, n_poisoned, wall, history):
     """One line per finished run in the shared JSONL (ledger.append; a run is known by runspec.run_key of its config).
     The curve holds each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`)."""
     curve = [{"step": h["step"], "samples": h["samples"], "poisoned_seen": h["poisoned_seen"], "n": h["clean"]["n"],
               "acc": h["clean"]["acc"], **{k: h[k] for k in ("asr", "asr_net") if k in h}} for h in history]
-    line = {"config": config, "metrics": final, "params": counts, "wall_s": round(wall, 2), "out": args.out,
-            "curve": curve}
+    line = {"config": config, "metrics": final, "params": counts, "n_poisoned": n_poisoned, "wall_s": round(wall, 2),
+            "out": args.out, "curve": curve}
     ledger.append(args.results, line)
 
 
@@ -469,9 +586,14 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     run = None
     try:
-        with cli.usage_errors(quiet=rank != 0):  # DataError, CheckpointError, LoRA/attack ranges, --out in use
-            run = setup(args, rank, world, device)
-        return train(run)
+        with SIGNALS:
+            with cli.usage_errors(quiet=rank != 0):  # DataError, CheckpointError, LoRA/attack ranges, --out in use
+                run = setup(args, rank, world, device)
+            return train(run)
+    except Interrupted as e:  # before training began (train() handles its own)
+        if rank == 0:
+            print(f"error: {e} before training began; nothing was written; run the same command again", file=sys.stderr)
+        sys.exit(128 + e.signum)
     finally:
         if world > 1:
             # DDP holds the process group and sits in reference cycles; left to the interpreter's exit, gloo's

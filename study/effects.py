@@ -67,13 +67,18 @@ def _same(a, b):
     return a == b
 
 
+def num(v):
+    """A recorded number as arithmetic uses it: an undefined one (null; NaN in lines before 2026-12-01) is nan."""
+    return math.nan if v is None else v
+
+
 def acc(r):
     return 100 * r["metrics"]["clean"]["acc"]
 
 
 def asr(r, net=False):
     m = r["metrics"]
-    return 100 * m["asr_net"] if net else 100 * m["asr"]
+    return 100 * num(m["asr_net"]) if net else 100 * m["asr"]
 
 
 def asr_during(r):
@@ -83,7 +88,7 @@ def asr_during(r):
     points = r.get("curve", [])[:-1]
     if not points or not all("asr_net" in p for p in points):
         return None
-    return 100 * sum(p["asr_net"] for p in points) / len(points)
+    return 100 * sum(num(p["asr_net"]) for p in points) / len(points)
 
 
 def _row(finding, task, condition, what, diffs, sign, unit, saturated=False):
@@ -474,8 +479,8 @@ def curves(runs, task, attack, rate, arm):
             continue
         point = dict(samples=samples, poisoned=sum(p["poisoned_seen"] for p in ps) / len(ps), n=len(ps))
         for metric in ("acc", "asr", "asr_net"):
-            # net ASR is undefined (nan) at a point where the model gets no triggered-set negative right
-            v = [100 * p[metric] for p in ps if metric in p and not math.isnan(p[metric])]
+            # net ASR is undefined (null) at a point where the model gets no triggered-set negative right
+            v = [100 * p[metric] for p in ps if metric in p and not math.isnan(num(p[metric]))]
             point[metric], point[metric + "_sd"] = stats.mean_std(v) if v else (math.nan, math.nan)
         out.append(point)
     return out

@@ -13,6 +13,7 @@ files from several machines merge by concatenation. An interrupted run is resume
 sweep at a time may run in a runs folder, and each run folder is one trainer's own (train.py's lock).
 """
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -336,14 +337,23 @@ def estimate(pending, finished, jobs):
 
 
 def run_all(pending, jobs, runs_dir, results):
-    """Run train.py for each pending (name, flags), `jobs` at a time, threads split between them; a log per run."""
+    """Run train.py for each pending (name, flags), `jobs` at a time, threads split between them; a log per run.
+    SIGTERM or SIGINT to the sweep goes on to the running runs, which checkpoint and stop (train.py); none starts
+    after it, and the sweep exits 128 + the signal's number once they have. A run that fails (a divergence, a kill)
+    leaves no results line; the next invocation resumes it from its checkpoint."""
     from tqdm import tqdm
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    procs, failed = {}, []
+    procs, failed, stopping = {}, [], []
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        for proc, _, _ in procs.values():
+            proc.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True)
     todo = list(pending)
-    while todo or procs:
-        while todo and len(procs) < jobs:
+    while (todo and not stopping) or procs:
+        while todo and not stopping and len(procs) < jobs:
             name, flags = todo.pop(0)
             out = os.path.join(runs_dir, name)
             resume = ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else ["--overwrite"]
@@ -365,7 +375,13 @@ def run_all(pending, jobs, runs_dir, results):
             bar.update(1)
             if proc.returncode:
                 failed.append(name)
+    for s, handler in old.items():
+        signal.signal(s, handler)
     bar.close()
+    if stopping:
+        print(f"error: the sweep stopped on {signal.Signals(stopping[0]).name}: the running runs checkpointed, "
+              f"{len(todo)} not started; run the same command again to continue", file=sys.stderr)
+        sys.exit(128 + stopping[0])
     if failed:
         print(f"error: {len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

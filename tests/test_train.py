@@ -161,3 +161,48 @@ def test_out_folder_with_another_run_is_refused(tiny_setup, tmp_path):
     assert again.returncode == 2 and "already holds a run" in again.stderr
     resume = run_cli(base_args(tiny_setup, out, "--steps", "2", "--resume"))
     assert resume.returncode == 2 and "different settings (steps)" in resume.stderr
+
+
+def test_ddp_processes_stop_alike_on_a_signal_to_one_and_on_a_divergence(tiny_setup, tmp_path):
+    """torchrun, 2 processes. SIGTERM to the second only: both stop after the same step (the all-reduced flag), the
+    first writes the checkpoint and the resume hint, and --resume under torchrun ends where the uninterrupted run does.
+    A divergence seen by all: both stop at that step, and nothing is written past it."""
+    args = ["--steps", "300", "--ckpt-every", "1000"]  # the only checkpoint is the signal's
+    out = tmp_path / "cut"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           os.path.join(ROOT, "train.py"), *base_args(tiny_setup, out, *args)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # a few steps in
+    os.kill(trainer_pid(out, rank=1), signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (out / "metrics.json").exists()
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error: ")]  # the first process's; the second is silent
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert f"(SIGTERM); it holds a checkpoint at step {step};" in line and "--resume" in line and 0 < step < 300
+    assert run_cli(base_args(tiny_setup, out, *args, "--resume"), nproc=2).returncode == 0
+    assert run_cli(base_args(tiny_setup, tmp_path / "full", *args), nproc=2).returncode == 0
+    assert metrics(out)["train_loss"] == metrics(tmp_path / "full")["train_loss"]
+    assert metrics(out)["final"] == metrics(tmp_path / "full")["final"]
+    nan = run_cli(base_args(tiny_setup, tmp_path / "nan", "--mode", "ff", "--lr", "1e30"), nproc=2)
+    (line,) = [ln for ln in nan.stderr.splitlines() if ln.startswith("error: ")]
+    assert nan.returncode != 0 and "non-finite loss or gradients in step 2" in line
+    assert not (tmp_path / "nan" / "metrics.json").exists() and not (tmp_path / "nan.jsonl").exists()
+
+
+def trainer_pid(out, rank=None):
+    """The pid of the train.py process training into `out` (torchrun's worker of `rank`), from /proc."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode().split("\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "--out" in args and args[args.index("--out") + 1] == str(out) and (rank is None or f"RANK={rank}" in env):
+            return int(pid)
+    raise AssertionError(f"no trainer for {out}")
