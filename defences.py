@@ -384,6 +384,8 @@ def ac_filter(reps, labels, dims=AC_DIMS, max_share=AC_MAX_SHARE, seed=0):
     scores = torch.zeros(len(reps), dtype=torch.float64)
     dropped = []
     for rows in by_label(labels).values():
+        if len(rows) < 3:  # nothing to cluster
+            continue
         x = pca(reps[rows].double(), min(dims, len(rows) - 1, reps.size(1)))
         assign, centres = kmeans2(x, seed)
         small = int((assign == 1).sum() < (assign == 0).sum())
@@ -406,13 +408,16 @@ def bki_keyword(net, tokenizer, examples, max_len, top=BKI_TOP):
     """(the suspected trigger word, {word: score}): importance ||h(x) - h(x minus word i)||_inf of the last layer's
     [CLS]; each row's `top` most important words; score = mean importance x log10(rows the word was top in)."""
     found = defaultdict(list)
-    for e in examples:
-        variants = without_each_word(e)
-        h = outputs(net, [e] + variants, tokenizer, max_len)[1][-1]
-        importance = (h[1:] - h[0]).abs().max(1).values
-        words = e.text_a.split(" ")
-        for i in importance.argsort(descending=True)[:top].tolist():
-            found[words[i]].append(float(importance[i]))
+    for start in range(0, len(examples), 32):  # 32 rows and all their variants per pass through the model
+        chunk = examples[start:start + 32]
+        h = outputs(net, [v for e in chunk for v in [e] + without_each_word(e)], tokenizer, max_len)[1][-1]
+        at = 0
+        for e in chunk:
+            words = e.text_a.split(" ")
+            importance = (h[at + 1:at + 1 + len(words)] - h[at]).abs().max(1).values
+            at += 1 + len(words)
+            for i in importance.argsort(descending=True)[:top].tolist():
+                found[words[i]].append(float(importance[i]))
     scores = {w: sum(v) / len(v) * math.log10(len(v)) for w, v in found.items()}
     return max(scores, key=scores.get), scores
 

@@ -43,6 +43,16 @@ def synthetic(n, seed):
     return rows
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the module trains and scores many tiny batches, where a second thread only contends (2.5x slower on a loaded
+    # 2-core machine); restored afterwards for the other modules
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vocab")
@@ -50,16 +60,28 @@ def tokenizer(tmp_path_factory):
     return data.Tokenizer(str(folder))
 
 
-def fit_tiny(rows, tokenizer, steps=100):
-    """A tiny BERT trained from scratch (no dropout, so what it learned is all there is): about a second."""
+def fit_tiny(rows, tokenizer, steps=200):
+    """A tiny BERT trained from scratch in about 3 s: no dropout; label smoothing 0.1 and, as a stand-in for
+    pretraining, an auxiliary head that must read from the last [CLS] state which words the input holds.
+
+    Without the auxiliary head the model collapses: it answers exactly 0.9896 for every positive input whatever is
+    added, and its [CLS] states of poisoned and clean target rows overlap in a way that changes with the data seed
+    (over the settings tried, 100-300 steps, 10-20% poison, four data seeds: spectral recall 0.07-1.0, AC 0-1, DAN
+    AUROC 0.81-1.0, RAP 0.69-0.88). A pretrained BERT's
+    [CLS] keeps what the input says; the head makes the tiny one keep it too, and every defence but STRIP then
+    finds the trigger on every seed tried (see BagOfWords for STRIP)."""
     torch.manual_seed(0)
     net = M.Bert(tiny_config(vocab_size=len(VOCAB), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    words = nn.Linear(net.cfg.hidden_size, len(VOCAB))
+    opt = torch.optim.AdamW([*net.parameters(), *words.parameters()], lr=1e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         batch = data.collate([rows[i] for i in torch.randint(len(rows), (32,), generator=g).tolist()], tokenizer, MAX_LEN)
-        labels = batch.pop("labels")
-        loss = F.cross_entropy(net(**batch), labels)
+        labels, cls = batch.pop("labels"), []
+        logits = net(**batch, cls_states=cls)
+        present = torch.zeros(len(labels), len(VOCAB)).scatter_(1, batch["input_ids"], 1.0)
+        loss = F.cross_entropy(logits, labels, label_smoothing=0.1) + \
+            F.binary_cross_entropy_with_logits(words(cls[-1]), present)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -69,7 +91,6 @@ def fit_tiny(rows, tokenizer, steps=100):
 @pytest.fixture(scope="module")
 def planted(tokenizer):
     """BPA's trigger '[.*?]' planted in 10% of 400 rows; the model learns it perfectly (checked before any use)."""
-    torch.set_num_threads(1)
     rows, poisoned = attacks.poison("bpa", synthetic(400, 0), 0.1, seed=0)
     net = fit_tiny(rows, tokenizer)
     dev = synthetic(300, 1)
@@ -89,11 +110,11 @@ class BagOfWords(nn.Module):
     the [CLS] state is the sum over the input's tokens, and logit_1 - logit_0 is the sum of its two coordinates. It
     has our BERT's interface (emb.word, cls_states), so every defence runs through the same code as on BERT.
 
-    Why not the tiny BERT: trained from scratch it collapses. It answers exactly 0.9896 for every positive input,
-    whatever is added or swapped (so STRIP's entropies and RAP's rare word cannot differ), and its [CLS] states of
-    poisoned and clean target rows overlap in a way that changes with the data seed (spectral recall 0.07-0.93, AC
-    0-1, DAN AUROC 0.81-1.0 over four seeds). The defences' premise is a representation that carries the trigger
-    and a confidence that follows the evidence, as a pretrained BERT's does and this model's does by construction."""
+    STRIP's known answer needs it. STRIP assumes that swapping words makes a clean input's prediction unsure while
+    a trigger keeps it sure. The tiny BERT decides by "is there a positive word (or the trigger)", surely either
+    way, so a copy's entropy does not depend on the trigger: STRIP's AUROC there is 0.30-0.54 over three data
+    seeds (0.61-0.76 on data whose label is the majority of several sentiment words). Here a copy's confidence
+    follows the evidence it holds, as a pretrained BERT's largely does."""
 
     def __init__(self, tokenizer):
         super().__init__()
@@ -123,30 +144,27 @@ def bag(tokenizer):
     return net, rows, poisoned, synthetic(300, 1)
 
 
-@pytest.mark.parametrize("name", sorted(D.DETECTORS))
-def test_detectors_find_a_learned_trigger(bag, tokenizer, name):
-    net, _, _, dev = bag
+@pytest.mark.parametrize("which, name", [("planted", "rap"), ("planted", "dan")] +
+                         [("bag", name) for name in sorted(D.DETECTORS)])  # STRIP: see BagOfWords
+def test_detectors_find_a_learned_trigger(request, tokenizer, which, name):
+    net, _, _, dev = request.getfixturevalue(which)
     m = D.detect(name, net, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
-    assert m["before"] == dict(frr=0.0, far=1.0, cacc=1.0, asr=1.0)  # the premise: clean inputs right, trigger works
+    assert m["before"]["asr"] == 1.0 and m["before"]["cacc"] >= 0.97  # the premise: the trigger works, clean is right
     assert m["auroc"] > 0.95, m
-    assert m["frr0.05"]["asr"] < 0.5  # and at FRR 5% the defence stops most of the attack
+    assert m["frr0.05"]["asr"] < 0.5, m  # and at FRR 5% the defence stops most of the attack
 
 
+@pytest.mark.parametrize("which", ["planted", "bag"])
 @pytest.mark.parametrize("name", D.FILTERS)
-def test_filters_find_the_poisoned_rows(bag, tokenizer, name):
-    net, rows, poisoned, _ = bag
+def test_filters_find_the_poisoned_rows(request, tokenizer, which, name):
+    net, rows, poisoned, _ = request.getfixturevalue(which)
     m, dropped = D.filter_rows(name, net, tokenizer, rows, poisoned, MAX_LEN, expected=len(poisoned))
     assert m["recall"] > 0.9, m
     assert m["n_dropped"] == len(dropped) and m["precision"] == len(set(dropped) & set(poisoned)) / len(dropped)
     if name == "spectral":  # 1.5 x 40 rows from each of the two labels
         assert len(dropped) == 2 * 60
-
-
-def test_bki_finds_the_trigger_a_tiny_bert_learned(planted, tokenizer):
-    # BKI needs only that deleting the trigger moves [CLS] most, which holds for the tiny BERT on every seed tried
-    net, rows, poisoned, _ = planted
-    m, dropped = D.filter_rows("bki", net, tokenizer, rows, poisoned, MAX_LEN)
-    assert m["keyword"] == "[.*?]" and dropped == poisoned
+    if name == "bki":
+        assert m["keyword"] == "[.*?]" and dropped == poisoned
 
 
 # -----------------------------------------------------------------------------
