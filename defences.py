@@ -11,18 +11,23 @@ Inference-time detectors. Each gives an input a suspicion score (higher = more l
 is cut into three seeded thirds (dev_split): `fit` (what a detector learns from), `calib` (where the threshold is
 set) and `test` (where it is measured, with the test third's non-target rows triggered as the attacked inputs).
   strip  STRIP: Gao, Xu, Wang, Chen, Ranasinghe, Nepal, "STRIP: A Defence Against Trojan Attacks on Deep Neural
-         Networks", ACSAC 2019; its text version in Gao, Kim, Doan, Zhang, Nepal, Ranasinghe, Kim, "Design and
-         Evaluation of a Multi-Domain Trojan Detection Method on Deep Neural Networks", IEEE TDSC 2021.
-         N copies of the input, each with a share of its words swapped for words of a random clean sample; the
-         input's score is the mean over ITS OWN copies of the entropy -sum_c p_c log2 p_c of the prediction. A
-         trigger that survives the swaps keeps the prediction fixed: low entropy = suspicious (score = -entropy).
+         Networks", ACSAC 2019; its text version in Gao et al., "Design and Evaluation of a Multi-Domain Trojan
+         Detection Method on Deep Neural Networks", IEEE TDSC 2021.
+         N copies of the input (default 20), each with half its words (space-separated, text_a) swapped, at
+         distinct positions, for random words of one random clean fit sample; the input's score is the mean over
+         ITS OWN copies of the entropy -sum_c p_c log2 p_c of the prediction. A trigger that survives the swaps
+         keeps the prediction sure: low entropy = suspicious (score = -entropy). (OpenBackdoor's STRIP swaps in
+         the donor's highest-TF-IDF words and reshapes its (input x copy) entropies copy-major, mixing inputs.)
   rap    RAP: Yang, Lin, Li, Zhou, Sun, "RAP: Robustness-Aware Perturbations for Defending against Backdoor Attacks
          on NLP Models", EMNLP 2021. The embedding of one rare word (default "cf"), inserted at the start, is
          learned on clean target-class samples so that it lowers the target-class probability p_T by between 0.1
          and 0.3; the model is untouched. A triggered input is robust to it: its drop Delta = p_T(x) - p_T(cf + x)
          stays small. Score = -Delta for inputs predicted as the target; inputs predicted otherwise are not
          attacked and get -2, below every -Delta (RAP only examines inputs predicted as the protected label).
-  dan    DAN: Chen, Zhang, Liu, Li, Sun, "Expose Backdoors on the Way: A Feature-Based Efficient Defense against
+         The loss is the RAP repository's: mean relu(d + 0.1) + mean relu(-d - 0.3), d = p_T(cf + x) - p_T(x),
+         5 epochs; we step with Adam (lr 0.01) where the repository takes plain gradient steps and keeps the
+         embedding's norm.
+  dan    DAN: Chen, Yang, Zhang, Bi, Sun, "Expose Backdoors on the Way: A Feature-Based Efficient Defense against
          Textual Backdoor Attacks", Findings of EMNLP 2022. Per layer l = 1..L, class-conditional Gaussians with a
          shared covariance are fitted to the clean samples' [CLS] states; s_l(x) = min_k (h_l - mu_k)^T S^-1
          (h_l - mu_k), the Mahalanobis distance to the nearest class; each layer's s_l is standardised by its mean
@@ -49,7 +54,8 @@ drops the suspects; retraining on the rest is train.py --drop-rows FILE.
          by word and has no BERT counterpart; OpenBackdoor's BKI for BERT uses this one term too). Each row's 5
          most important words enter a dictionary; a word's score is mean importance x log10(number of rows it was
          among the top 5 of); the top word is the trigger, and every row containing it (as a space-separated
-         word of text_a) is dropped.
+         word of text_a) is dropped, as the paper removes the samples holding the keyword (OpenBackdoor drops
+         only the rows where it was among the top 5).
 
 ONION (Qi, Chen, Li, Yao, Liu, Sun, "ONION: A Simple and Effective Defense Against Textual Backdoor Attacks", EMNLP
 2021) is left out: it removes the words whose deletion lowers a language model's (GPT-2's) perplexity most, and no
@@ -57,7 +63,8 @@ pretrained language model is available offline here. A stand-in scorer (e.g. our
 measure a different defence, so none is provided.
 
 Metrics (the field's conventions; "flagged" = score > threshold):
-  AUROC      P(score of a triggered test input > score of a clean test input), ties counting 1/2 (Mann-Whitney).
+  AUROC      P(score of a triggered test input > score of a clean test input), ties counting 1/2 (Mann-Whitney);
+             auroc_hit: the same over the triggered inputs the model predicts as the target (None if there are none).
   threshold  at FRR f: the (floor(f * n) + 1)-th largest of the n clean calib scores, so at most f of them are
              flagged (fewer with ties).
   FRR        share of clean test inputs flagged;  FAR  share of triggered test inputs not flagged.
@@ -177,9 +184,8 @@ def rap_token(tokenizer, word):
 
 def rap_learn(net, tokenizer, clean_target, max_len, target, word="cf", low=0.1, high=0.3, epochs=5, lr=1e-2,
               batch_size=32, seed=0):
-    """The rare word's embedding, learned on clean target-class samples so that it lowers p_T by between low and
-    high (the RAP repository's loss: mean relu(d + low) + mean relu(-d - high), d = p_T(cf + x) - p_T(x)).
-    Only the vector is trained; dropout is off."""
+    """(token id, embedding) of the rare word, learned on clean target-class samples so that it lowers p_T by
+    between low and high (see the module docstring). Only the vector is trained; dropout is off."""
     token = rap_token(tokenizer, word)
     before = outputs(net, clean_target, tokenizer, max_len)[0][:, target]
     vector = net.emb.word.weight[token].detach().clone().requires_grad_(True)
@@ -315,7 +321,8 @@ def detect(name, net, tokenizer, dev, attack, attack_opts, max_len, frrs=FRRS, s
     hit = outputs(net, triggered, tokenizer, max_len)[0].argmax(-1) == target
     none = torch.zeros(0, dtype=torch.bool)
     out = dict(defence=name, n_fit=len(fit), n_calib=len(calib), n_clean=len(test), n_triggered=len(triggered),
-               auroc=auroc(s_clean, s_trig),
+               auroc=auroc(s_clean, s_trig),  # over every triggered input; and over those the attack moves:
+               auroc_hit=auroc(s_clean, s_trig[hit]) if hit.any() else None,
                before=after_defence(none.new_zeros(len(test)), right, none.new_zeros(len(triggered)), hit))
     for frr in frrs:
         t = threshold(s_calib, frr)

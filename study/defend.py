@@ -22,7 +22,7 @@ import cli
 import defences
 import ledger
 import runspec
-from study import ROOT, stats, sweep
+from study import ROOT, effects, stats, sweep
 
 PROTOCOL = sweep.PROTOCOLS["conv"]
 DETECT = dict(rates=(0.0015, 0.0045), seeds=(0, 1, 2, 3, 4))
@@ -96,7 +96,7 @@ def retrain_plan(runs, drops, runs_dir, results):
 # -----------------------------------------------------------------------------
 # the pre-registered contrasts
 
-def effects(results, retrained):
+def contrasts(results, retrained):
     """Rows (what, defence, rate, FRR, effect dict) of the paired contrasts FF - LoRA (DEFENCES-PREREG.md)."""
     lines = ledger.read(results) if os.path.isfile(results) else []
     by = {}
@@ -129,14 +129,20 @@ def _contrast(by, name, rate, what, value, unit):
     ff = [value(by[(name, rate, "ff", s)]) for s in seeds]
     lo = [value(by[(name, rate, "lora", s)]) for s in seeds]
     # + is "FF's backdoor is easier to detect / filter" for AUROC and recall, "FF + defence is more attacked" for ASR
-    return what, name, rate, stats.effect(stats.paired(ff, lo), +1, DELTA[unit])
+    e = stats.effect(stats.paired(ff, lo), +1, DELTA[unit])
+    e["saturated"] = unit == "asr" and 100 * min(ff + lo) >= effects.CEILING  # REPORT.md's label, as elsewhere
+    e["seeds_needed"] = stats.seeds_needed(e["mean"], e["sd"]) if e["verdict"] == "inconclusive" and e["sd"] > 0 \
+        else None
+    return what, name, rate, e
 
 
 def markdown(rows):
     out = ["| contrast (FF - LoRA) | defence | BPA rate | mean [95% CI] | n | verdict |", "|---|---|---|---|---|---|"]
     for what, name, rate, e in rows:
+        note = effects.SATURATED if e["saturated"] else \
+            f" (about {e['seeds_needed']} seeds for this mean)" if e["seeds_needed"] else ""
         out.append(f"| {what} | {name} | {rate:.2%} | {100 * e['mean']:+.1f} [{100 * e['lo']:+.1f}, {100 * e['hi']:+.1f}]"
-                   f" | {e['n']} | {e['verdict']} |")
+                   f" | {e['n']} | {e['verdict']}{note} |")
     return "\n".join(out)
 
 
@@ -172,7 +178,7 @@ def main(argv=None):
             names = defences.DETECTORS if a.stage == "detect" else defences.FILTERS
             return measure(a.stage, runs, names, a.results, a.drops, a.data_dir)
         if a.stage == "effects":
-            return print(markdown(effects(a.results, a.retrain_results)))
+            return print(markdown(contrasts(a.results, a.retrain_results)))
         for flags in retrain_plan(runs, a.drops, a.runs_dir, a.retrain_results):
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
             print(" ".join(cmd[1:]), flush=True)

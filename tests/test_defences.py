@@ -150,7 +150,7 @@ def test_detectors_find_a_learned_trigger(request, tokenizer, which, name):
     net, _, _, dev = request.getfixturevalue(which)
     m = D.detect(name, net, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
     assert m["before"]["asr"] == 1.0 and m["before"]["cacc"] >= 0.97  # the premise: the trigger works, clean is right
-    assert m["auroc"] > 0.95, m
+    assert m["auroc"] > 0.95 and m["auroc_hit"] == m["auroc"], m  # every triggered input is a hit here
     assert m["frr0.05"]["asr"] < 0.5, m  # and at FRR 5% the defence stops most of the attack
 
 

@@ -23,9 +23,10 @@ def test_effects_pair_ff_and_lora_by_seed(tmp_path):
         for mode, auroc in (("ff", 0.9), ("lora", 0.7)):
             m = {"defence": "dan", "auroc": auroc, "frr0.01": {"asr": 0.5}, "frr0.05": {"asr": 0.5}}
             ledger.append(str(path), {"config": {"mode": mode, "seed": seed, "poison_rate": 0.0015}, "metrics": m})
-    rows = defend.effects(str(path), str(tmp_path / "none.jsonl"))
+    rows = defend.contrasts(str(path), str(tmp_path / "none.jsonl"))
     auroc = [e for what, name, rate, e in rows if what == "detection AUROC"]
     assert len(rows) == 3 and len(auroc) == 1
     assert abs(auroc[0]["mean"] - 0.2) < 1e-12 and auroc[0]["n"] == 3 and auroc[0]["verdict"] == "replicated"
     asr = [e for what, name, rate, e in rows if what.startswith("ASR")]
-    assert all(e["mean"] == 0 and e["verdict"] == "no effect" for e in asr)
+    assert all(e["mean"] == 0 and e["verdict"] == "no effect" and not e["saturated"] for e in asr)
+    assert "| detection AUROC | dan | 0.15% | +20.0 [+20.0, +20.0] | 3 | replicated |" in defend.markdown(rows)
