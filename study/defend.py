@@ -8,6 +8,7 @@ filtered training set. Pre-registration: study/DEFENCES-PREREG.md.
     python -m study.defend filter             # spectral, AC, BKI: BPA 0.45%, seeds 0-2; writes the drop files
     python -m study.defend retrain [--print]  # train.py --drop-rows on each filtered set (or print the commands)
     python -m study.defend effects            # the pre-registered paired contrasts and their verdicts
+    python -m study.defend figure             # ASR before and after each defence, FF and LoRA: defences.png
 
 A (run, defence) already in the results file is skipped, so every stage can be stopped and continued. The source
 runs are the sweep's own folders (runs/conv/f12/...): `plan` prints train.py lines for those not finished, recording
@@ -103,11 +104,8 @@ def contrasts(results, retrained):
     for r in lines:
         c = r["config"]
         by[(r["metrics"]["defence"], c["poison_rate"], c["mode"], c["seed"])] = r["metrics"]
-    after = {}
-    for r in (ledger.runs(retrained) if os.path.isfile(retrained) else []):
-        c = r["config"]
-        name = os.path.splitext(os.path.basename(c["drop_rows"]))[0].rsplit("-", 1)[1]
-        after[(name, c["poison_rate"], c["mode"], c["seed"])] = r["metrics"]
+    after = {_retrained_of(r["config"]): r["metrics"] for r in (ledger.runs(retrained) if os.path.isfile(retrained)
+                                                                 else [])}
     rows = []
     for name in defences.DETECTORS:
         for rate in DETECT["rates"]:
@@ -136,6 +134,55 @@ def _contrast(by, name, rate, what, value, unit):
     return what, name, rate, e
 
 
+def figure(results, retrained, path):
+    """Per defence and BPA rate: ASR before and after the defence, FF and LoRA r8, mean and 95% interval over seeds
+    (detectors: on the test third, at FRR 1% and 5%; filters: the source run and its retraining, whole dev set)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = ledger.read(results) if os.path.isfile(results) else []
+    after = {_retrained_of(r["config"]): r["metrics"]["asr"]
+             for r in (ledger.runs(retrained) if os.path.isfile(retrained) else [])}
+    bars = {}  # (defence, rate) -> {(mode, when): [ASR per seed]}
+    for r in lines:
+        c, m = r["config"], r["metrics"]
+        cell = bars.setdefault((m["defence"], c["poison_rate"]), {})
+        if m["defence"] in defences.DETECTORS:
+            points = [("before", m["before"]["asr"])] + [(f"FRR {f:g}", m[f"frr{f:g}"]["asr"]) for f in defences.FRRS]
+        else:
+            key = (m["defence"], c["poison_rate"], c["mode"], c["seed"])
+            points = [("before", r["source"]["asr"])] + ([("retrained", after[key])] if key in after else [])
+        for when, v in points:
+            cell.setdefault((c["mode"], when), []).append(100 * v)
+    if not bars:
+        return False
+    rows = -(-len(bars) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(10, 3.2 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(bars):]:
+        ax.axis("off")
+    for ax, ((name, rate), cell) in zip(axes.flat, sorted(bars.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
+        for i, ((mode, when), vals) in enumerate(sorted(cell.items(), key=lambda kv: (kv[0][0], kv[0][1] != "before"))):
+            mean, sd = stats.mean_std(vals)
+            half = stats.t_quantile(0.975, len(vals) - 1) * sd / len(vals) ** 0.5 if len(vals) > 1 else 0
+            ax.bar(i, mean, yerr=half, color="tab:red" if mode == "ff" else "tab:blue",
+                   alpha=1.0 if when == "before" else 0.5, capsize=3)
+            ax.text(i, 2, f"{mode}\n{when}", ha="center", fontsize=6, rotation=90, va="bottom")
+        ax.set_title(f"{name}, BPA {rate:.2%}", fontsize=8)
+        ax.set_xticks([])
+    for row in axes:
+        row[0].set_ylabel("ASR (%), mean and 95% CI")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def _retrained_of(config):
+    """(filter, rate, mode, seed) of a retraining run, from its --drop-rows file name (drop_file)."""
+    name = os.path.splitext(os.path.basename(config["drop_rows"]))[0].rsplit("-", 1)[1]
+    return name, config["poison_rate"], config["mode"], config["seed"]
+
+
 def markdown(rows):
     out = ["| contrast (FF - LoRA) | defence | BPA rate | mean [95% CI] | n | verdict |", "|---|---|---|---|---|---|"]
     for what, name, rate, e in rows:
@@ -151,7 +198,7 @@ def markdown(rows):
 
 def main(argv=None):
     p = cli.Parser(description=__doc__)
-    p.add_argument("stage", choices=["plan", "detect", "filter", "retrain", "effects"], help="what to do")
+    p.add_argument("stage", choices=["plan", "detect", "filter", "retrain", "effects", "figure"], help="what to do")
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "conv"), help="the conv sweep's run folders")
     p.add_argument("--results", default=os.path.join(ROOT, "results", "conv", "defences.jsonl"),
                    help="one line per (run, defence)")
@@ -179,6 +226,9 @@ def main(argv=None):
             return measure(a.stage, runs, names, a.results, a.drops, a.data_dir)
         if a.stage == "effects":
             return print(markdown(contrasts(a.results, a.retrain_results)))
+        if a.stage == "figure":
+            path = os.path.join(os.path.dirname(a.results), "defences.png")
+            return print(f"wrote {path}" if figure(a.results, a.retrain_results, path) else "nothing to draw yet")
         for flags in retrain_plan(runs, a.drops, a.runs_dir, a.retrain_results):
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
             print(" ".join(cmd[1:]), flush=True)

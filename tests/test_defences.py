@@ -300,6 +300,9 @@ def test_cli_runs_a_filter_and_its_output_drives_a_retraining(tiny_run):
     assert res.returncode == 0, res.stderr
     with open(root / "run" / "defences" / "spectral.json") as f:
         out = json.load(f)
+    with open(root / "run" / "metrics.json") as f:
+        final = json.load(f)["final"]
+    assert out["source"]["asr"] == final["asr"] and out["source"]["cacc"] == final["clean"]["acc"]
     m = out["metrics"]
     assert m["n_train"] == 120 and m["n_poisoned"] == 12 and m["expected"] == 12 and m["n_dropped"] == 2 * 18
     # retraining without those rows: the training set shrinks, the poisoned rows left are renumbered

@@ -22,6 +22,7 @@ def test_effects_pair_ff_and_lora_by_seed(tmp_path):
     for seed in range(3):
         for mode, auroc in (("ff", 0.9), ("lora", 0.7)):
             m = {"defence": "dan", "auroc": auroc, "frr0.01": {"asr": 0.5}, "frr0.05": {"asr": 0.5}}
+            m["before"] = {"asr": 1.0}
             ledger.append(str(path), {"config": {"mode": mode, "seed": seed, "poison_rate": 0.0015}, "metrics": m})
     rows = defend.contrasts(str(path), str(tmp_path / "none.jsonl"))
     auroc = [e for what, name, rate, e in rows if what == "detection AUROC"]
@@ -30,3 +31,5 @@ def test_effects_pair_ff_and_lora_by_seed(tmp_path):
     asr = [e for what, name, rate, e in rows if what.startswith("ASR")]
     assert all(e["mean"] == 0 and e["verdict"] == "no effect" and not e["saturated"] for e in asr)
     assert "| detection AUROC | dan | 0.15% | +20.0 [+20.0, +20.0] | 3 | replicated |" in defend.markdown(rows)
+    assert defend.figure(str(path), str(tmp_path / "none.jsonl"), str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").stat().st_size > 0
