@@ -90,6 +90,7 @@ import cli
 import data
 import evaluate
 import runspec
+import train
 
 FRRS = (0.01, 0.05)     # the false-rejection rates thresholds are set at
 SPLIT_SEED = 0          # one dev split for every run, so detectors pair across runs and seeds
@@ -97,14 +98,18 @@ SHRINK = 0.1            # DAN's covariance shrinkage (see above)
 AC_DIMS, AC_MAX_SHARE = 10, 0.35
 BKI_TOP = 5
 OFF = -2.0              # RAP's score for inputs not predicted as the target: below every -Delta in [-1, 1]
+# which [CLS] states outputs() keeps: none (STRIP, RAP), the last layer's (the filters), layers 1..L (DAN)
+NO_STATES, LAST, LAYERS = slice(0), slice(-1, None), slice(1, None)
 
 
 # -----------------------------------------------------------------------------
 # what the defences read from the model
 
 @torch.no_grad()
-def outputs(net, examples, tokenizer, max_len, batch_size=64):
-    """(class probabilities (N, C), [CLS] states (L + 1, N, H)) of a list of Examples, with dropout off."""
+def outputs(net, examples, tokenizer, max_len, layers=slice(None), batch_size=64):
+    """(class probabilities (N, C), [CLS] states (len(layers), N, H)) of a list of Examples, with dropout off.
+    layers picks among the L + 1 states (embeddings, then each layer): all by default; keeping only what a defence
+    reads keeps 67,349 training rows' states in memory at 100 MB instead of 700."""
     was_training = net.training
     net.eval()
     probs, states = [], []
@@ -113,7 +118,7 @@ def outputs(net, examples, tokenizer, max_len, batch_size=64):
         batch.pop("labels")
         cls = []
         probs.append(net(**batch, cls_states=cls).softmax(-1))
-        states.append(torch.stack(cls))
+        states.append(torch.stack(cls)[layers])
     net.train(was_training)
     return torch.cat(probs), torch.cat(states, dim=1)
 
@@ -152,7 +157,7 @@ def strip_scores(examples, donors, probs, n_copies=20, swap_ratio=0.5, seed=0):
 
 
 def strip_detector(net, tokenizer, fit, max_len, target, n_copies=20, swap_ratio=0.5, seed=0):
-    probs = lambda examples: outputs(net, examples, tokenizer, max_len)[0]
+    probs = lambda examples: outputs(net, examples, tokenizer, max_len, NO_STATES)[0]
     return lambda examples: strip_scores(examples, fit, probs, n_copies, swap_ratio, seed)
 
 
@@ -187,7 +192,7 @@ def rap_learn(net, tokenizer, clean_target, max_len, target, word="cf", low=0.1,
     """(token id, embedding) of the rare word, learned on clean target-class samples so that it lowers p_T by
     between low and high (see the module docstring). Only the vector is trained; dropout is off."""
     token = rap_token(tokenizer, word)
-    before = outputs(net, clean_target, tokenizer, max_len)[0][:, target]
+    before = outputs(net, clean_target, tokenizer, max_len, NO_STATES)[0][:, target]
     vector = net.emb.word.weight[token].detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([vector], lr=lr)
     frozen = {p: p.requires_grad for p in net.parameters()}
@@ -219,9 +224,9 @@ def rap_learn(net, tokenizer, clean_target, max_len, target, word="cf", low=0.1,
 
 def rap_scores(net, tokenizer, examples, max_len, target, token, vector, word="cf"):
     """-Delta = p_T(cf + x) - p_T(x) for inputs predicted as the target, OFF for the others."""
-    p = outputs(net, examples, tokenizer, max_len)[0]
+    p = outputs(net, examples, tokenizer, max_len, NO_STATES)[0]
     with rare_word(net, token, vector):
-        p_rap = outputs(net, with_word(examples, word), tokenizer, max_len)[0]
+        p_rap = outputs(net, with_word(examples, word), tokenizer, max_len, NO_STATES)[0]
     score = p_rap[:, target] - p[:, target]
     return torch.where(p.argmax(-1) == target, score, torch.full_like(score, OFF))
 
@@ -255,14 +260,14 @@ def mahalanobis(feats, means, precision):
 
 
 def dan_detector(net, tokenizer, fit, max_len, target, shrink=SHRINK):
-    states = outputs(net, fit, tokenizer, max_len)[1][1:].double()   # layers 1..L
+    states = outputs(net, fit, tokenizer, max_len, LAYERS)[1].double()
     labels = [e.label for e in fit]
     fits = [gaussian_fit(h, labels, shrink) for h in states]
     dists = torch.stack([mahalanobis(h, *f) for h, f in zip(states, fits)])
     mean, std = dists.mean(1, keepdim=True), dists.std(1, keepdim=True)
 
     def score(examples):
-        h = outputs(net, examples, tokenizer, max_len)[1][1:].double()
+        h = outputs(net, examples, tokenizer, max_len, LAYERS)[1].double()
         s = torch.stack([mahalanobis(x, *f) for x, f in zip(h, fits)])
         return ((s - mean) / std).max(0).values
     return score
@@ -317,8 +322,8 @@ def detect(name, net, tokenizer, dev, attack, attack_opts, max_len, frrs=FRRS, s
     triggered = attacks.triggered_dev(attack, test, **attack_opts)
     score = DETECTORS[name](net, tokenizer, fit, max_len, target, **options)
     s_calib, s_clean, s_trig = score(calib), score(test), score(triggered)
-    right = outputs(net, test, tokenizer, max_len)[0].argmax(-1) == torch.tensor([e.label for e in test])
-    hit = outputs(net, triggered, tokenizer, max_len)[0].argmax(-1) == target
+    right = outputs(net, test, tokenizer, max_len, NO_STATES)[0].argmax(-1) == torch.tensor([e.label for e in test])
+    hit = outputs(net, triggered, tokenizer, max_len, NO_STATES)[0].argmax(-1) == target
     none = torch.zeros(0, dtype=torch.bool)
     out = dict(defence=name, n_fit=len(fit), n_calib=len(calib), n_clean=len(test), n_triggered=len(triggered),
                auroc=auroc(s_clean, s_trig),  # over every triggered input; and over those the attack moves:
@@ -417,7 +422,7 @@ def bki_keyword(net, tokenizer, examples, max_len, top=BKI_TOP):
     found = defaultdict(list)
     for start in range(0, len(examples), 32):  # 32 rows and all their variants per pass through the model
         chunk = examples[start:start + 32]
-        h = outputs(net, [v for e in chunk for v in [e] + without_each_word(e)], tokenizer, max_len)[1][-1]
+        h = outputs(net, [v for e in chunk for v in [e] + without_each_word(e)], tokenizer, max_len, LAST)[1][0]
         at = 0
         for e in chunk:
             words = e.text_a.split(" ")
@@ -442,7 +447,7 @@ def filter_rows(name, net, tokenizer, train_set, poisoned, max_len, expected=0):
     if name == "bki":
         out["keyword"], dropped = bki_filter(net, tokenizer, train_set, max_len)
     else:
-        reps = outputs(net, train_set, tokenizer, max_len)[1][-1]
+        reps = outputs(net, train_set, tokenizer, max_len, LAST)[1][0]
         labels = [e.label for e in train_set]
         if name == "spectral":
             out["expected"] = expected
@@ -464,14 +469,13 @@ DEFENCES = (*DETECTORS, *FILTERS)
 
 def run_defence(run_dir, name, frrs=FRRS, data_dir=None, expected=None):
     """One defence on a saved run (evaluate.load_run): its metrics, with the run's configuration."""
-    import train  # the training set exactly as the run built it (poisoning, --train-cap, --drop-rows)
     args, net = evaluate.load_run(run_dir)
     if data_dir:
         args.data_dir = data_dir
     if args.attack not in attacks.BACKDOORS:
         raise cli.UsageError(f"{run_dir}: the run has no backdoor (--attack {args.attack}); the defences need one")
     tokenizer = data.Tokenizer(args.model)
-    train_set, dev, poisoned = train.load_data(args)
+    train_set, dev, poisoned = train.load_data(args)  # exactly as the run built them (poisoning, caps, --drop-rows)
     with open(os.path.join(run_dir, "metrics.json")) as f:  # the run's own final evaluation, on the whole dev set
         final = json.load(f)["final"]
     result = dict(run=run_dir, config=runspec.run_config(args),
