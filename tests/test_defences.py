@@ -358,3 +358,29 @@ def test_drop_rows_leaves_every_existing_run_key_unchanged():
     assert today["drop_rows"] is None and runspec.run_key(old) == runspec.run_key(today)
     moved = dict(today, drop_rows="/a/b/f12-x-spectral.json")
     assert runspec.run_key(moved) == runspec.run_key(dict(today, drop_rows="/c/f12-x-spectral.json")) != runspec.run_key(today)
+
+
+def test_every_defence_runs_on_a_saved_run_and_its_result_is_strict_json(tiny_run):
+    root, _ = tiny_run
+    for name in D.DEFENCES:
+        result = D.run_defence(str(root / "run"), name)
+        json.dumps(result, allow_nan=False)
+        m = result["metrics"]
+        assert m["defence"] == name and result["config"]["attack"] == "bpa"
+        if name in D.DETECTORS:
+            assert (m["n_fit"], m["n_calib"], m["n_clean"]) == (20, 20, 20) and 0 <= m["auroc"] <= 1
+            assert m["n_triggered"] == sum(e.label != TARGET for e in D.dev_split(synthetic(60, 1))[2])
+        else:
+            assert m["n_poisoned"] == 12 and len(result["dropped"]) == m["n_dropped"]
+
+
+def test_the_study_driver_appends_one_line_per_run_and_defence_once(tiny_run, tmp_path):
+    from study import defend
+    root, _ = tiny_run
+    results, drops = tmp_path / "d.jsonl", tmp_path / "drops"
+    for _ in range(2):  # the second pass finds both lines and adds nothing
+        defend.measure("test", [(str(root / "run"), [])], ("dan", "bki"), str(results), str(drops), None)
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [x["metrics"]["defence"] for x in lines] == ["dan", "bki"]
+    with open(lines[1]["drop_rows"]) as f:
+        assert runspec.read_drop_rows(f.name, 120) == sorted(json.load(f)["dropped"])
