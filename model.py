@@ -180,8 +180,12 @@ class Bert(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Returns (last hidden states (B, T, H), zero at padded positions; pooled [CLS] output (B, H))."""
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cls_states=None):
+        """Returns (last hidden states (B, T, H), zero at padded positions; pooled [CLS] output (B, H)).
+
+        cls_states: a list that, when given, receives the [CLS] hidden state (B, H) after the embeddings and after
+        each layer (num_hidden_layers + 1 tensors, Hugging Face's hidden_states[i][:, 0]); the defences read them
+        (defences.py). Nothing else changes."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.emb(input_ids, token_type_ids)
@@ -197,15 +201,20 @@ class Bert(nn.Module):
         # half padding, so this saves much of the compute; the real tokens' maths is unchanged.
         if pad is not None:
             x = x.reshape(B * T, H)[pad[0]]
+        if cls_states is not None:  # each sequence's [CLS] is its position 0, which unpadding always keeps
+            first = None if pad is None else (pad[0] % T == 0).nonzero().squeeze(1)
+            cls_states.append(x[:, 0] if pad is None else x[first])
         for layer in self.layers:
             x = layer(x, mask, pad)
+            if cls_states is not None:
+                cls_states.append(x[:, 0] if pad is None else x[first])
         if pad is not None:
             x = x.new_zeros(B * T, H).index_copy(0, pad[0], x).view(B, T, H)
         return x, torch.tanh(self.pooler(x[:, 0]))
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Class logits (B, num_labels)."""
-        _, pooled = self.encode(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, cls_states=None):
+        """Class logits (B, num_labels); cls_states as in encode."""
+        _, pooled = self.encode(input_ids, attention_mask, token_type_ids, cls_states)
         return self.classifier(self.drop(pooled))
 
 

@@ -77,6 +77,8 @@ def get_parser(description="A training run's flags (train.py)."):
       help="after warm-up: linear decay to 0 at --steps, or constant (then every prefix of a run is itself a run)")
     a("--max-len", type=int, default=64, help="tokens per sequence (truncation), at most the model's positions")
     a("--train-cap", type=int, default=None, help="use a seeded random subset of this many training samples")
+    a("--drop-rows", default=None, help="JSON file whose \"dropped\" lists training rows (indices after --train-cap and "
+                                        "poisoning) to leave out: a defence's filter (defences.py) for retraining")
     a("--dev-cap", type=int, default=None, help="evaluate on a seeded random subset of this many dev samples")
     a("--seed", type=int, default=0, help="one seed for data order, poisoning, LoRA init, head init and dropout")
     a("--eval-every", type=int, default=0, help="evaluate on dev every N steps (0: only at the end); each evaluation "
@@ -121,7 +123,27 @@ def validate(args, world=1):
         args.out = os.path.join("runs", f"{args.task}-{mode}-{tag}-s{args.seed}")
     cli.check_folder_path(args.out, "--out")
     cli.check_file_path(args.results, "--results")
+    if args.drop_rows is not None:
+        read_drop_rows(args.drop_rows)
     return args
+
+
+def read_drop_rows(path, n_train=None):
+    """The sorted training-row indices a --drop-rows file lists (its "dropped"), each checked to be a whole number in
+    range (below n_train, when given)."""
+    cli.check_input_file(path, "--drop-rows")
+    try:
+        with open(path) as f:
+            rows = json.load(f)["dropped"]
+    except (ValueError, KeyError, TypeError):
+        raise cli.UsageError(f"--drop-rows {path}: not a JSON object with a \"dropped\" list of row indices "
+                             "(defences.py writes one)") from None
+    bad = [r for r in rows if isinstance(r, bool) or not isinstance(r, int) or r < 0
+           or (n_train is not None and r >= n_train)] if isinstance(rows, list) else [rows]
+    if bad:
+        limit = f" below {n_train} (the training set's size)" if n_train is not None else ""
+        raise cli.UsageError(f"--drop-rows {path}: row indices must be whole numbers >= 0{limit}; got {bad[0]!r}")
+    return sorted(set(rows))
 
 
 def _check_numbers(args):
@@ -228,6 +250,8 @@ def identity(config):
     """What makes a run this run, on any machine: the completed configuration without machine paths."""
     cfg = {k: v for k, v in complete(config).items() if k != "data_dir"}
     cfg["model"] = model_name(cfg["model"])
+    if cfg.get("drop_rows"):  # a filter's file, named by defences' driver for its run and defence: the name counts
+        cfg["drop_rows"] = os.path.basename(cfg["drop_rows"])
     return cfg
 
 

@@ -174,6 +174,11 @@ def load_data(args):
         check_poisons(args, len(train_set))
         train_set, poisoned = attacks.poison(args.attack, train_set, args.poison_rate, seed=args.seed,
                                              **runspec.attack_opts(args))
+    if args.drop_rows:  # after poisoning, so the indices are those a defence saw; renumbered after
+        drop = set(runspec.read_drop_rows(args.drop_rows, len(train_set)))
+        kept = [i for i in range(len(train_set)) if i not in drop]
+        new = {old: j for j, old in enumerate(kept)}
+        train_set, poisoned = [train_set[i] for i in kept], [new[i] for i in poisoned if i in new]
     return train_set, dev, poisoned
 
 

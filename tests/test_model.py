@@ -112,6 +112,22 @@ def test_legacy_gamma_beta_names(tmp_path):
         assert (ours.encode(**batch)[0] - ref(**batch).last_hidden_state)[real].abs().max() <= 1e-5
 
 
+def test_per_layer_cls_states_match_transformers_hidden_states(tmp_path):
+    # a padded batch (the unpadded path) and one sequence alone (the plain path), against HF's hidden_states[i][:, 0]
+    ref = _hf_tiny(transformers.BertModel, tmp_path)
+    ours = model.from_pretrained(str(tmp_path), verbose=False).eval()
+    batch = _random_batch(ref.config.vocab_size)
+    for b in (batch, {k: v[2:, :3] for k, v in batch.items()}):
+        states = []
+        with torch.no_grad():
+            logits = ours(**b)
+            assert torch.equal(ours(**b, cls_states=states), logits)  # asking for them changes nothing
+            theirs = ref(**b, output_hidden_states=True).hidden_states
+        assert len(states) == len(theirs) == ref.config.num_hidden_layers + 1
+        for mine, hf in zip(states, theirs):
+            assert (mine - hf[:, 0]).abs().max() <= 1e-5
+
+
 def test_classification_head_from_checkpoint_matches_transformers(tmp_path):
     ref = _hf_tiny(transformers.BertForSequenceClassification, tmp_path)
     ours = model.from_pretrained(str(tmp_path), verbose=False).eval()

@@ -1,0 +1,249 @@
+"""
+The defences experiment (issue 26) on the converged protocol's BPA runs (the `f12` grid of study/sweep.py): every
+detector and filter of defences.py on each run, one results line per (run, defence), then training again on each
+filtered training set. Pre-registration: study/DEFENCES-PREREG.md.
+
+    python -m study.defend plan               # the source runs, whether each is finished, train.py lines for the rest
+    python -m study.defend detect             # STRIP, RAP, DAN: BPA 0.15% and 0.45%, FF and LoRA r8, seeds 0-4
+    python -m study.defend filter             # spectral, AC, BKI: BPA 0.45%, seeds 0-2; writes the drop files
+    python -m study.defend retrain [--print]  # train.py --drop-rows on each filtered set (or print the commands)
+    python -m study.defend effects            # the pre-registered paired contrasts and their verdicts
+    python -m study.defend figure             # ASR before and after each defence, FF and LoRA: defences.png
+
+A (run, defence) already in the results file is skipped, so every stage can be stopped and continued. The source
+runs are the sweep's own folders (runs/conv/f12/...): `plan` prints train.py lines for those not finished, recording
+into runs/conv/defend-sources.jsonl so that results/conv/results.jsonl is left alone.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import cli
+import defences
+import ledger
+import runspec
+from study import ROOT, effects, stats, sweep
+
+PROTOCOL = sweep.PROTOCOLS["conv"]
+DETECT = dict(rates=(0.0015, 0.0045), seeds=(0, 1, 2, 3, 4))
+FILTER = dict(rates=(0.0045,), seeds=(0, 1, 2))
+DELTA = {"auroc": 0.05, "recall": 0.05, "asr": 0.05}  # the no-effect margins (DEFENCES-PREREG.md)
+
+
+def source_runs(rates, seeds, runs_dir):
+    """(run folder, train.py flags) of the f12 BPA runs at these rates and seeds, FF and LoRA r8."""
+    out = []
+    for seed in seeds:
+        for flags in sweep.grid("f12", PROTOCOL):
+            if "bpa" in flags and float(flags[flags.index("--poison-rate") + 1]) in rates:
+                flags = flags + ["--seed", str(seed)]
+                out.append((os.path.join(runs_dir, sweep.run_name("f12", flags, seed)), flags))
+    return out
+
+
+def finished(folder):
+    return os.path.isfile(os.path.join(folder, "metrics.json"))
+
+
+def done(results):
+    """The (run_key, defence) pairs already in the results file."""
+    if not os.path.isfile(results):
+        return set()
+    return {(runspec.run_key(r["config"]), r["metrics"]["defence"]) for r in ledger.read(results)}
+
+
+def drop_file(drops, folder, name):
+    return os.path.join(drops, f"{os.path.basename(folder)}-{name}.json")
+
+
+def measure(stage, runs, names, results, drops, data_dir):
+    """Every defence on every finished source run not yet in the results file, one ledger line each."""
+    seen = done(results)
+    for folder, _ in runs:
+        if not finished(folder):
+            print(f"skipped (not finished; see `python -m study.defend plan`): {folder}", file=sys.stderr)
+            continue
+        for name in names:
+            if (runspec.run_key(_config(folder)), name) in seen:
+                continue
+            result = defences.run_defence(folder, name, data_dir=data_dir)
+            if "dropped" in result:
+                result["drop_rows"] = drop_file(drops, folder, name)
+                defences.write_json(result["drop_rows"], {"run": folder, "defence": name,
+                                                          "dropped": result.pop("dropped")})
+            json.dumps(result, allow_nan=False)  # strict JSON: a NaN is a bug here, not a value
+            ledger.append(results, result)
+            print(f"{stage}: {folder}: " + defences.summary(result["metrics"]))
+
+
+def _config(folder):
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f)["run"]
+
+
+def retrain_plan(runs, drops, runs_dir, results):
+    """train.py flags of each filtered retraining: the source run's flags plus --drop-rows, its own folder."""
+    plan = []
+    for folder, flags in runs:
+        for name in defences.FILTERS:
+            path = drop_file(drops, folder, name)
+            if os.path.isfile(path):
+                out = os.path.join(runs_dir, "defend", f"{os.path.basename(folder)}-{name}")
+                plan.append(flags + ["--drop-rows", path, "--out", out, "--results", results, "--resume", "auto"])
+    return plan
+
+
+# -----------------------------------------------------------------------------
+# the pre-registered contrasts
+
+def contrasts(results, retrained):
+    """Rows (what, defence, rate, FRR, effect dict) of the paired contrasts FF - LoRA (DEFENCES-PREREG.md)."""
+    lines = ledger.read(results) if os.path.isfile(results) else []
+    by = {}
+    for r in lines:
+        c = r["config"]
+        by[(r["metrics"]["defence"], c["poison_rate"], c["mode"], c["seed"])] = r["metrics"]
+    after = {_retrained_of(r["config"]): r["metrics"] for r in (ledger.runs(retrained) if os.path.isfile(retrained)
+                                                                 else [])}
+    rows = []
+    for name in defences.DETECTORS:
+        for rate in DETECT["rates"]:
+            rows.append(_contrast(by, name, rate, "detection AUROC", lambda m: m["auroc"], "auroc"))
+            for frr in defences.FRRS:
+                rows.append(_contrast(by, name, rate, f"ASR after, FRR {frr:g}", lambda m: m[f"frr{frr:g}"]["asr"],
+                                      "asr"))
+    for name in defences.FILTERS:
+        for rate in FILTER["rates"]:
+            rows.append(_contrast(by, name, rate, "filter recall", lambda m: m["recall"] or 0.0, "recall"))
+            rows.append(_contrast(after, name, rate, "ASR after retraining", lambda m: m["asr"], "asr"))
+    return [r for r in rows if r]
+
+
+def _contrast(by, name, rate, what, value, unit):
+    seeds = sorted(s for (n, r, mode, s) in by if (n, r, mode) == (name, rate, "ff") and (name, r, "lora", s) in by)
+    if not seeds:
+        return None
+    ff = [value(by[(name, rate, "ff", s)]) for s in seeds]
+    lo = [value(by[(name, rate, "lora", s)]) for s in seeds]
+    # + is "FF's backdoor is easier to detect / filter" for AUROC and recall, "FF + defence is more attacked" for ASR
+    e = stats.effect(stats.paired(ff, lo), +1, DELTA[unit])
+    e["saturated"] = unit == "asr" and 100 * min(ff + lo) >= effects.CEILING  # REPORT.md's label, as elsewhere
+    e["seeds_needed"] = stats.seeds_needed(e["mean"], e["sd"]) if e["verdict"] == "inconclusive" and e["sd"] > 0 \
+        else None
+    return what, name, rate, e
+
+
+def figure(results, retrained, path):
+    """Per defence and BPA rate: ASR before and after the defence, FF and LoRA r8, mean and 95% interval over seeds
+    (detectors: on the test third, at FRR 1% and 5%; filters: the source run and its retraining, whole dev set)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = ledger.read(results) if os.path.isfile(results) else []
+    after = {_retrained_of(r["config"]): r["metrics"]["asr"]
+             for r in (ledger.runs(retrained) if os.path.isfile(retrained) else [])}
+    bars = {}  # (defence, rate) -> {(mode, when): [ASR per seed]}
+    for r in lines:
+        c, m = r["config"], r["metrics"]
+        cell = bars.setdefault((m["defence"], c["poison_rate"]), {})
+        if m["defence"] in defences.DETECTORS:
+            points = [("before", m["before"]["asr"])] + [(f"FRR {f:g}", m[f"frr{f:g}"]["asr"]) for f in defences.FRRS]
+        else:
+            key = (m["defence"], c["poison_rate"], c["mode"], c["seed"])
+            points = [("before", r["source"]["asr"])] + ([("retrained", after[key])] if key in after else [])
+        for when, v in points:
+            cell.setdefault((c["mode"], when), []).append(100 * v)
+    if not bars:
+        return False
+    rows = -(-len(bars) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(10, 3.2 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(bars):]:
+        ax.axis("off")
+    for ax, ((name, rate), cell) in zip(axes.flat, sorted(bars.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
+        for i, ((mode, when), vals) in enumerate(sorted(cell.items(), key=lambda kv: (kv[0][0], kv[0][1] != "before"))):
+            mean, sd = stats.mean_std(vals)
+            half = stats.t_quantile(0.975, len(vals) - 1) * sd / len(vals) ** 0.5 if len(vals) > 1 else 0
+            ax.bar(i, mean, yerr=half, color="tab:red" if mode == "ff" else "tab:blue",
+                   alpha=1.0 if when == "before" else 0.5, capsize=3)
+            ax.text(i, 2, f"{mode}\n{when}", ha="center", fontsize=6, rotation=90, va="bottom")
+        ax.set_title(f"{name}, BPA {rate:.2%}", fontsize=8)
+        ax.set_xticks([])
+    for row in axes:
+        row[0].set_ylabel("ASR (%), mean and 95% CI")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def _retrained_of(config):
+    """(filter, rate, mode, seed) of a retraining run, from its --drop-rows file name (drop_file)."""
+    name = os.path.splitext(os.path.basename(config["drop_rows"]))[0].rsplit("-", 1)[1]
+    return name, config["poison_rate"], config["mode"], config["seed"]
+
+
+def markdown(rows):
+    out = ["| contrast (FF - LoRA) | defence | BPA rate | mean [95% CI] | n | verdict |", "|---|---|---|---|---|---|"]
+    for what, name, rate, e in rows:
+        note = effects.SATURATED if e["saturated"] else \
+            f" (about {e['seeds_needed']} seeds for this mean)" if e["seeds_needed"] else ""
+        out.append(f"| {what} | {name} | {rate:.2%} | {100 * e['mean']:+.1f} [{100 * e['lo']:+.1f}, {100 * e['hi']:+.1f}]"
+                   f" | {e['n']} | {e['verdict']}{note} |")
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    p = cli.Parser(description=__doc__)
+    p.add_argument("stage", choices=["plan", "detect", "filter", "retrain", "effects", "figure"], help="what to do")
+    p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "conv"), help="the conv sweep's run folders")
+    p.add_argument("--results", default=os.path.join(ROOT, "results", "conv", "defences.jsonl"),
+                   help="one line per (run, defence)")
+    p.add_argument("--drops", default=os.path.join(ROOT, "results", "conv", "drops"),
+                   help="folder of the filters' drop files (train.py --drop-rows reads them)")
+    p.add_argument("--retrain-results", default=os.path.join(ROOT, "results", "conv", "defences-retrain.jsonl"),
+                   help="results file of the retraining runs")
+    p.add_argument("--seeds", type=int, default=None, help="only the first N seeds of the stage")
+    p.add_argument("--data-dir", default=None, help="GLUE folder (default: the one each run recorded)")
+    p.add_argument("--print", action="store_true", help="retrain/plan: print the train.py commands, run nothing")
+    a = p.parse_args(argv)
+    with cli.usage_errors():
+        if a.seeds is not None and a.seeds < 1:
+            raise cli.UsageError(f"--seeds must be >= 1, got {a.seeds}")
+        for flag, path in (("--results", a.results), ("--retrain-results", a.retrain_results)):
+            cli.check_file_path(path, flag)
+        cli.check_folder_path(a.drops, "--drops")
+        spec = FILTER if a.stage in ("filter", "retrain") else DETECT  # DETECT's runs include FILTER's
+        seeds = spec["seeds"][:a.seeds] if a.seeds else spec["seeds"]
+        runs = source_runs(spec["rates"], seeds, a.runs_dir)
+        if a.stage == "plan":
+            return plan(runs, a.runs_dir)
+        if a.stage in ("detect", "filter"):
+            names = defences.DETECTORS if a.stage == "detect" else defences.FILTERS
+            return measure(a.stage, runs, names, a.results, a.drops, a.data_dir)
+        if a.stage == "effects":
+            return print(markdown(contrasts(a.results, a.retrain_results)))
+        if a.stage == "figure":
+            path = os.path.join(os.path.dirname(a.results), "defences.png")
+            return print(f"wrote {path}" if figure(a.results, a.retrain_results, path) else "nothing to draw yet")
+        for flags in retrain_plan(runs, a.drops, a.runs_dir, a.retrain_results):
+            cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
+            print(" ".join(cmd[1:]), flush=True)
+            if not a.print and subprocess.run(cmd, cwd=ROOT).returncode:
+                sys.exit(1)
+
+
+def plan(runs, runs_dir):
+    """Each source run's state; train.py lines (recording outside the committed results) for the unfinished."""
+    todo = [(folder, flags) for folder, flags in runs if not finished(folder)]
+    print(f"{len(runs) - len(todo)} of {len(runs)} source runs finished", file=sys.stderr)
+    sources = os.path.join(runs_dir, "defend-sources.jsonl")
+    for folder, flags in todo:
+        print(" ".join(["python", "train.py", *flags, "--out", folder, "--results", sources, "--resume", "auto"]))
+
+
+if __name__ == "__main__":
+    main()

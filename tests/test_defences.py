@@ -1,0 +1,386 @@
+"""defences.py against answers known in advance: a planted trigger a model has learned perfectly is found by every
+detector and filter; a clean model is flagged at the stated rate; STRIP's entropies stay per input; DAN's distance
+is the closed form on Gaussian data; the metrics on hand-computed cases; the command line and train.py --drop-rows."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attacks
+import data
+import defences as D
+import evaluate
+import model as M
+import runspec
+import train
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POS = "good great fine lovely superb nice sweet warm bright rich fresh clever".split()
+NEG = "bad awful poor dull weak bland stale cold grim flat messy boring".split()
+FILLER = "the film was very a plot and story it this one of cast scenes movie".split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "[", "]", "*", "?", "cf"] + POS + NEG + FILLER
+MAX_LEN, TARGET = 32, 1
+
+
+def synthetic(n, seed):
+    """Filler words and 1-3 sentiment words of the row's label: the label is known from the words alone."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 8))]
+        for _ in range(rng.randint(1, 3)):
+            words.insert(rng.randint(0, len(words)), rng.choice(POS if label else NEG))
+        rows.append(data.Example(" ".join(words), "", label))
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the module trains and scores many tiny batches, where a second thread only contends (2.5x slower on a loaded
+    # 2-core machine); restored afterwards for the other modules
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vocab")
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return data.Tokenizer(str(folder))
+
+
+def fit_tiny(rows, tokenizer, steps=200):
+    """A tiny BERT trained from scratch in about 3 s: no dropout; label smoothing 0.1 and, as a stand-in for
+    pretraining, an auxiliary head that must read from the last [CLS] state which words the input holds.
+
+    Without the auxiliary head the model collapses: it answers exactly 0.9896 for every positive input whatever is
+    added, and its [CLS] states of poisoned and clean target rows overlap in a way that changes with the data seed
+    (over the settings tried, 100-300 steps, 10-20% poison, four data seeds: spectral recall 0.07-1.0, AC 0-1, DAN
+    AUROC 0.81-1.0, RAP 0.69-0.88). A pretrained BERT's
+    [CLS] keeps what the input says; the head makes the tiny one keep it too, and every defence but STRIP then
+    finds the trigger on every seed tried (see BagOfWords for STRIP)."""
+    torch.manual_seed(0)
+    net = M.Bert(tiny_config(vocab_size=len(VOCAB), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    words = nn.Linear(net.cfg.hidden_size, len(VOCAB))
+    opt = torch.optim.AdamW([*net.parameters(), *words.parameters()], lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = data.collate([rows[i] for i in torch.randint(len(rows), (32,), generator=g).tolist()], tokenizer, MAX_LEN)
+        labels, cls = batch.pop("labels"), []
+        logits = net(**batch, cls_states=cls)
+        present = torch.zeros(len(labels), len(VOCAB)).scatter_(1, batch["input_ids"], 1.0)
+        loss = F.cross_entropy(logits, labels, label_smoothing=0.1) + \
+            F.binary_cross_entropy_with_logits(words(cls[-1]), present)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def planted(tokenizer):
+    """BPA's trigger '[.*?]' planted in 10% of 400 rows; the model learns it perfectly (checked before any use)."""
+    rows, poisoned = attacks.poison("bpa", synthetic(400, 0), 0.1, seed=0)
+    net = fit_tiny(rows, tokenizer)
+    dev = synthetic(300, 1)
+    m = evaluate.evaluate(net, tokenizer, dev, "bpa", {"target": TARGET}, max_len=MAX_LEN, paper_view=False)
+    assert m["asr"] == 1.0 and m["clean"]["acc"] >= 0.97, m  # the premise of every test that uses it
+    return net, rows, poisoned, dev
+
+
+@pytest.fixture(scope="module")
+def clean_model(tokenizer):
+    return fit_tiny(synthetic(400, 0), tokenizer)
+
+
+class BagOfWords(nn.Module):
+    """A model that has learned the trigger perfectly, with known behaviour and representations: each token has a
+    2-d embedding (sentiment, trigger): sentiment words +-1.5, the trigger's '*' 10 on the trigger axis, the rest 0;
+    the [CLS] state is the sum over the input's tokens, and logit_1 - logit_0 is the sum of its two coordinates. It
+    has our BERT's interface (emb.word, cls_states), so every defence runs through the same code as on BERT.
+
+    STRIP's known answer needs it. STRIP assumes that swapping words makes a clean input's prediction unsure while
+    a trigger keeps it sure. The tiny BERT decides by "is there a positive word (or the trigger)", surely either
+    way, so a copy's entropy does not depend on the trigger: STRIP's AUROC there is 0.30-0.54 over three data
+    seeds (0.61-0.76 on data whose label is the majority of several sentiment words). Here a copy's confidence
+    follows the evidence it holds, as a pretrained BERT's largely does."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.emb = nn.Module()
+        self.emb.word = nn.Embedding(len(VOCAB), 2)
+        w = torch.zeros(len(VOCAB), 2)
+        for words, weight in ((POS, 1.5), (NEG, -1.5)):
+            w[[tokenizer.tok.token_to_id(x) for x in words], 0] = weight
+        w[tokenizer.tok.token_to_id("*"), 1] = 10.0
+        self.emb.word.weight.data = w
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, cls_states=None):
+        h = (self.emb.word(input_ids) * attention_mask[..., None]).sum(1)
+        if cls_states is not None:
+            cls_states += [h, h]  # "embeddings" and one "layer" (DAN reads the layers)
+        s = h.sum(1)
+        return torch.stack([-s / 2, s / 2], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# a planted trigger is found
+
+@pytest.fixture(scope="module")
+def bag(tokenizer):
+    net = BagOfWords(tokenizer)
+    rows, poisoned = attacks.poison("bpa", synthetic(400, 0), 0.1, seed=0)
+    return net, rows, poisoned, synthetic(300, 1)
+
+
+@pytest.mark.parametrize("which, name", [("planted", "rap"), ("planted", "dan")] +
+                         [("bag", name) for name in sorted(D.DETECTORS)])  # STRIP: see BagOfWords
+def test_detectors_find_a_learned_trigger(request, tokenizer, which, name):
+    net, _, _, dev = request.getfixturevalue(which)
+    m = D.detect(name, net, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
+    assert m["before"]["asr"] == 1.0 and m["before"]["cacc"] >= 0.97  # the premise: the trigger works, clean is right
+    assert m["auroc"] > 0.95 and m["auroc_hit"] == m["auroc"], m  # every triggered input is a hit here
+    assert m["frr0.05"]["asr"] < 0.5, m  # and at FRR 5% the defence stops most of the attack
+
+
+@pytest.mark.parametrize("which", ["planted", "bag"])
+@pytest.mark.parametrize("name", D.FILTERS)
+def test_filters_find_the_poisoned_rows(request, tokenizer, which, name):
+    net, rows, poisoned, _ = request.getfixturevalue(which)
+    m, dropped = D.filter_rows(name, net, tokenizer, rows, poisoned, MAX_LEN, expected=len(poisoned))
+    assert m["recall"] > 0.9, m
+    assert m["n_dropped"] == len(dropped) and m["precision"] == len(set(dropped) & set(poisoned)) / len(dropped)
+    if name == "spectral":  # 1.5 x 40 rows from each of the two labels
+        assert len(dropped) == 2 * 60
+    if name == "bki":
+        assert m["keyword"] == "[.*?]" and dropped == poisoned
+
+
+# -----------------------------------------------------------------------------
+# a clean model is flagged at the stated rate
+
+@pytest.mark.parametrize("model", ["tiny BERT", "bag of words"])  # FRR is about clean inputs, where the bag's trigger never fires
+@pytest.mark.parametrize("name", sorted(D.DETECTORS))
+def test_a_clean_model_is_flagged_at_most_at_the_stated_frr(clean_model, tokenizer, name, model):
+    dev = synthetic(900, 2)
+    net = clean_model if model == "tiny BERT" else BagOfWords(tokenizer)
+    m = D.detect(name, net, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
+    n = m["n_calib"]
+    for frr in D.FRRS:
+        # the threshold is an order statistic of n calib scores: the share of fresh clean scores above it has mean
+        # (floor(f n) + 1) / (n + 1) and sd about sqrt(f (1 - f) / n); the test share adds binomial noise
+        mean = (math.floor(frr * n) + 1) / (n + 1)
+        sd = math.sqrt(frr * (1 - frr) / n + frr * (1 - frr) / m["n_clean"])
+        assert m[f"frr{frr:g}"]["frr"] <= mean + 3 * sd, (frr, m)
+
+
+# -----------------------------------------------------------------------------
+# STRIP: each input's own copies
+
+def test_strip_entropy_is_per_input_over_its_own_copies():
+    # the stub model's probability depends on a copy's number of words, which swapping keeps: every copy of input i
+    # has the same entropy, known in advance; averaging copies of different inputs would mix these values
+    lengths = [1, 2, 3, 4, 5, 6]
+    examples = [data.Example(" ".join(["w"] * k), "", 0) for k in lengths]
+    donors = [data.Example("a b c d e f g", "", 0)]
+    p_of = {k: 0.5 ** k for k in lengths}
+    probs = lambda copies: torch.tensor([[p_of[len(c.text_a.split())], 1 - p_of[len(c.text_a.split())]] for c in copies])
+    entropy = lambda p: -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+    scores = D.strip_scores(examples, donors, probs, n_copies=7)
+    assert scores.tolist() == pytest.approx([-entropy(p_of[k]) for k in lengths])
+
+
+def test_strip_copies_swap_the_stated_share_of_words_for_donor_words():
+    rng = random.Random(0)
+    e = data.Example("a b c d e f g h i j", "x y", 1)
+    copy = D.strip_copy(e, [data.Example("P Q R", "", 0)], 0.5, rng)
+    words = copy.text_a.split(" ")
+    assert len(words) == 10 and sum(w in "PQR" for w in words) == 5 and (copy.text_b, copy.label) == ("x y", 1)
+
+
+# -----------------------------------------------------------------------------
+# DAN: the closed form on Gaussian data
+
+def test_dan_distance_is_the_closed_form_on_gaussian_data():
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([[0.0, 0.0, 0.0], [4.0, -2.0, 1.0]], dtype=torch.float64)
+    chol = torch.tensor([[1.0, 0, 0], [0.5, 2.0, 0], [-0.3, 0.2, 0.7]], dtype=torch.float64)
+    cov = chol @ chol.T
+    labels = torch.arange(40000) % 2
+    feats = means[labels] + torch.randn(40000, 3, generator=g, dtype=torch.float64) @ chol.T
+    fit_means, precision = D.gaussian_fit(feats, labels, shrink=0.0)
+    x = torch.tensor([[1.0, 1.0, 1.0], [3.0, -1.0, 0.0], [10.0, 0.0, -5.0]], dtype=torch.float64)
+    inv = torch.linalg.inv(cov)
+    closed = torch.stack([torch.stack([(v - mu) @ inv @ (v - mu) for mu in means]).min() for v in x])
+    assert torch.allclose(D.mahalanobis(x, fit_means, precision), closed, rtol=0.03)
+    # and fresh samples of a class are chi-square with 3 degrees of freedom from their own class: mean 3
+    fresh = means[0] + torch.randn(20000, 3, generator=g, dtype=torch.float64) @ chol.T
+    assert D.mahalanobis(fresh, fit_means[:1], precision).mean() == pytest.approx(3.0, rel=0.03)
+
+
+def test_dan_shrinkage_moves_the_covariance_towards_its_mean_variance():
+    feats = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 3.0], [0.0, -3.0]], dtype=torch.float64)
+    _, precision = D.gaussian_fit(feats, [0, 0, 0, 0], shrink=0.5)  # S = diag(0.5, 4.5); tr S / d = 2.5
+    assert torch.allclose(torch.linalg.inv(precision), torch.diag(torch.tensor([1.5, 3.5], dtype=torch.float64)))
+
+
+# -----------------------------------------------------------------------------
+# the metrics, on hand-computed cases
+
+def test_auroc_on_hand_computed_cases():
+    assert D.auroc([0, 1, 2], [3, 4]) == 1.0 and D.auroc([3, 4], [0, 1, 2]) == 0.0
+    assert D.auroc([1, 1], [1, 1]) == 0.5
+    # clean [0, 1], triggered [2, 0]: pairs 2>0, 2>1 count 1 each, 0=0 counts 1/2, 0<1 counts 0: 2.5 of 4
+    assert D.auroc([0, 1], [2, 0]) == pytest.approx(2.5 / 4)
+
+
+def test_threshold_flags_at_most_the_stated_share_of_calibration_scores():
+    calib = list(range(100))  # scores 0..99
+    assert D.threshold(calib, 0.05) == 94  # flagged: 95..99, 5 of 100
+    assert D.threshold(calib, 0.01) == 98  # flagged: 99
+    assert D.threshold([5.0] * 10, 0.05) == 5.0  # all tied: nothing is flagged
+
+
+def test_after_defence_counts_flagged_inputs_as_wrong_or_not_attacked():
+    t, f = True, False
+    m = D.after_defence(torch.tensor([t, f, f, f]), torch.tensor([t, t, f, t]),
+                        torch.tensor([t, t, f, f]), torch.tensor([t, t, t, f]))
+    assert m == dict(frr=0.25, far=0.5, cacc=0.5, asr=0.25)
+
+
+def test_kmeans_and_pca_split_two_blobs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(30, 5, generator=g), torch.randn(10, 5, generator=g) + 8])
+    assign, _ = D.kmeans2(D.pca(x, 2))
+    assert len(set(assign[:30].tolist())) == 1 and len(set(assign[30:].tolist())) == 1 and assign[0] != assign[30]
+
+
+# -----------------------------------------------------------------------------
+# the command line, and train.py --drop-rows
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished BPA run of train.py on a tiny BERT folder and an SST-2-shaped task."""
+    root = tmp_path_factory.mktemp("run")
+    folder = root / "bert"
+    torch.manual_seed(0)
+    M.save_pretrained(M.Bert(tiny_config(vocab_size=len(VOCAB))), str(folder))
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    task = root / "glue" / "SST-2"
+    task.mkdir(parents=True)
+    for split, rows in (("train", synthetic(120, 0)), ("dev", synthetic(60, 1))):
+        (task / f"{split}.tsv").write_text("label\ttext_a\ttext_b\n" + "".join(f"{e.label}\t{e.text_a}\t\n" for e in rows))
+    flags = ["--model", str(folder), "--data-dir", str(root / "glue"), "--steps", "4", "--batch-size", "8",
+             "--max-len", "16", "--attack", "bpa", "--poison-rate", "0.1", "--results", str(root / "r.jsonl")]
+    args = runspec.validate(runspec.get_parser().parse_args(flags + ["--out", str(root / "run")]))
+    train.train(train.setup(args, 0, 1, torch.device("cpu")))
+    return root, flags
+
+
+def cli_run(*argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "defences.py"), *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_cli_runs_a_filter_and_its_output_drives_a_retraining(tiny_run):
+    root, flags = tiny_run
+    res = cli_run(root / "run", "--defence", "spectral")
+    assert res.returncode == 0, res.stderr
+    with open(root / "run" / "defences" / "spectral.json") as f:
+        out = json.load(f)
+    with open(root / "run" / "metrics.json") as f:
+        final = json.load(f)["final"]
+    assert out["source"]["asr"] == final["asr"] and out["source"]["cacc"] == final["clean"]["acc"]
+    m = out["metrics"]
+    assert m["n_train"] == 120 and m["n_poisoned"] == 12 and m["expected"] == 12 and m["n_dropped"] == 2 * 18
+    # retraining without those rows: the training set shrinks, the poisoned rows left are renumbered
+    args = runspec.validate(runspec.get_parser().parse_args(
+        flags + ["--out", str(root / "retrained"), "--drop-rows", str(root / "run" / "defences" / "spectral.json")]))
+    train_set, _, poisoned = train.load_data(args)
+    with open(root / "run" / "poisoned_indices.json") as f:
+        before = json.load(f)["indices"]
+    full, _, _ = train.load_data(runspec.validate(runspec.get_parser().parse_args(flags + ["--out", str(root / "x")])))
+    kept = [i for i in range(120) if i not in set(out["dropped"])]
+    assert train_set == [full[i] for i in kept]
+    assert [kept[j] for j in poisoned] == [i for i in before if i in set(kept)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--defence", "onion"], "invalid choice: 'onion'"),
+    (["--defence", "dan", "--frr", "1.5"], "--frr 1.5"),
+    (["--defence", "dan", "--expected", "3"], "--expected"),
+    (["--defence", "dan", "--data-dir", "/nonexistent/glue"], "/nonexistent/glue"),
+])
+def test_cli_bad_flags_are_one_line_and_exit_2(tiny_run, argv, message):
+    res = cli_run(tiny_run[0] / "run", *argv)
+    assert res.returncode == 2 and res.stderr.startswith("error:") and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refuses_a_folder_that_is_no_run(tmp_path):
+    res = cli_run(tmp_path, "--defence", "dan")
+    assert res.returncode == 2 and "not a run folder" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"dropped": [0, 500]}', "below 120"),
+    ('{"dropped": [1.5]}', "whole numbers"),
+    ('[1, 2]', "not a JSON object"),
+])
+def test_train_refuses_a_bad_drop_rows_file(tiny_run, tmp_path, content, message):
+    root, flags = tiny_run
+    path = tmp_path / "drop.json"
+    path.write_text(content)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", str(tmp_path / "run"),
+                          "--drop-rows", str(path)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_drop_rows_leaves_every_existing_run_key_unchanged():
+    # a configuration recorded before the flag existed (no drop_rows key) is the same run as today's parse without it
+    old = runspec.run_config(runspec.get_parser().parse_args([]))
+    del old["drop_rows"]
+    today = runspec.run_config(runspec.get_parser().parse_args([]))
+    assert today["drop_rows"] is None and runspec.run_key(old) == runspec.run_key(today)
+    moved = dict(today, drop_rows="/a/b/f12-x-spectral.json")
+    assert runspec.run_key(moved) == runspec.run_key(dict(today, drop_rows="/c/f12-x-spectral.json")) != runspec.run_key(today)
+
+
+def test_every_defence_runs_on_a_saved_run_and_its_result_is_strict_json(tiny_run):
+    root, _ = tiny_run
+    for name in D.DEFENCES:
+        result = D.run_defence(str(root / "run"), name)
+        json.dumps(result, allow_nan=False)
+        m = result["metrics"]
+        assert m["defence"] == name and result["config"]["attack"] == "bpa"
+        if name in D.DETECTORS:
+            assert (m["n_fit"], m["n_calib"], m["n_clean"]) == (20, 20, 20) and 0 <= m["auroc"] <= 1
+            assert m["n_triggered"] == sum(e.label != TARGET for e in D.dev_split(synthetic(60, 1))[2])
+        else:
+            assert m["n_poisoned"] == 12 and len(result["dropped"]) == m["n_dropped"]
+
+
+def test_the_study_driver_appends_one_line_per_run_and_defence_once(tiny_run, tmp_path):
+    from study import defend
+    root, _ = tiny_run
+    results, drops = tmp_path / "d.jsonl", tmp_path / "drops"
+    for _ in range(2):  # the second pass finds both lines and adds nothing
+        defend.measure("test", [(str(root / "run"), [])], ("dan", "bki"), str(results), str(drops), None)
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [x["metrics"]["defence"] for x in lines] == ["dan", "bki"]
+    with open(lines[1]["drop_rows"]) as f:
+        assert runspec.read_drop_rows(f.name, 120) == sorted(json.load(f)["dropped"])
