@@ -1,7 +1,7 @@
 """
 The defences experiment (issue 26) on the converged protocol's BPA runs (the `f12` grid of study/sweep.py): every
 detector and filter of defences.py on each run, one results line per (run, defence), then training again on each
-filtered training set. Pre-registration: study/DEFENCES-PREREG.md.
+filtered training set. Pre-registration: results/REPORT.md, "Defences x LoRA/FF".
 
     python -m study.defend plan               # the source runs, whether each is finished, train.py lines for the rest
     python -m study.defend detect             # STRIP, RAP, DAN: BPA 0.15% and 0.45%, FF and LoRA r8, seeds 0-4
@@ -28,7 +28,7 @@ from study import ROOT, effects, stats, sweep
 PROTOCOL = sweep.PROTOCOLS["conv"]
 DETECT = dict(rates=(0.0015, 0.0045), seeds=(0, 1, 2, 3, 4))
 FILTER = dict(rates=(0.0045,), seeds=(0, 1, 2))
-DELTA = {"auroc": 0.05, "recall": 0.05, "asr": 0.05}  # the no-effect margins (DEFENCES-PREREG.md)
+DELTA = {"auroc": 0.05, "recall": 0.05, "asr": 0.05}  # the no-effect margins (REPORT.md, "Defences x LoRA/FF")
 
 
 def source_runs(rates, seeds, runs_dir):
@@ -98,7 +98,7 @@ def retrain_plan(runs, drops, runs_dir, results):
 # the pre-registered contrasts
 
 def contrasts(results, retrained):
-    """Rows (what, defence, rate, FRR, effect dict) of the paired contrasts FF - LoRA (DEFENCES-PREREG.md)."""
+    """Rows (what, defence, rate, FRR, effect dict) of the paired contrasts FF - LoRA (REPORT.md, Defences)."""
     lines = ledger.read(results) if os.path.isfile(results) else []
     by = {}
     for r in lines:
