@@ -33,10 +33,13 @@ from study import ROOT
 # beside the pre-registered 0.45% cells, never instead of them.
 # The zoo and its follow-up share one stage (2026-11-30, before any zoo run), so they run one seed at a time and a
 # partial zoo sweep holds every condition of its first seeds.
-# The sentence-pair tasks (issue 23, 2026-12-01) come last: their calibration (rule 3), then F1/F2 on both tasks in
-# one stage, so seeds 0-2 of every cell of both tasks finish before seeds 3-4 start.
+# Added 2026-12-01, before any of their runs (results/REPORT.md): the sentence-pair tasks (issue 23), their
+# calibration (rule 3), then F1/F2 on both tasks one seed at a time, seeds 0-2 first and seeds 3-4 last; between
+# them SST-2 over three epochs (`3ep`, delay or limit) and Tab. E.1's four backdoors (`e1`), issue 24. A stage
+# listed twice runs only the seeds its first listing did not.
 CONV_STAGES = ((("calib",), 1), (("cola-calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola",), 3),
-               (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs",), 5))
+               (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs",), 3), (("3ep",), 3),
+               (("e1",), 5), (("pairs",), 5))
 PAIR_TASKS = ("qnli", "qqp")
 PROTOCOLS = {
     "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
@@ -71,7 +74,10 @@ PROTOCOLS = {
                  ranks=(4, 64, 384), scales=(0.0001, 2.0),  # F3/F4 contrasts; rank 8 and k = 1/3 come from f12
                  rs_alpha="5.656854",  # rsLoRA alpha/sqrt(r) with alpha = 2 sqrt(8): rank 8's scale stays 16/8 = 2
                  zoo=("gaussian", "pissa", "mica", "olora", "orthogonal", "dora"),
-                 curve_points=8, curve_dev=256, stages=CONV_STAGES),
+                 curve_points=8, curve_dev=256, stages=CONV_STAGES,
+                 # three epochs of SST-2's 67,349 rows at batch 16, evaluated every 1/16 of the run (issue 24)
+                 epochs3=dict(steps=12628, curve_points=16),
+                 e1=("clbpa", "ilbpa", "mt", "sbpa")),  # Tab. E.1's backdoors, each from its own pool of rows
 }
 SCALES = (0.0001, 0.001, 0.1, 0.333, 0.667, 1.0, 1.5, 2.0)  # A-init variance scales k (Sec. 4.4.2)
 
@@ -157,7 +163,10 @@ def conv_task_grid(figure, task, p):
                          f"(`python -m study.calibrate results/conv/results.jsonl --task {task}`) and fill "
                          "PROTOCOLS['conv']['steps']")
     curve_dev = p["pair_curve_dev"]["grid"] if task in PAIR_TASKS else p["curve_dev"]
-    base = p["common"] + task_flags(task, p) + ["--steps", str(steps), "--eval-every", str(steps // p["curve_points"]),
+    points = p["curve_points"]
+    if figure == "3ep":  # three epochs, evaluated every 1/16: the 2,500-step runs are their prefixes
+        steps, points = p["epochs3"]["steps"], p["epochs3"]["curve_points"]
+    base = p["common"] + task_flags(task, p) + ["--steps", str(steps), "--eval-every", str(steps // points),
                                                 "--curve-dev", str(curve_dev)]
     lora = base + ["--mode", "lora", "--rank", "8", "--alpha", "16", "--lr", p["lr"]["lora"]]
     ff = base + ["--mode", "ff", "--lr", p["lr"]["ff"]]
@@ -165,6 +174,10 @@ def conv_task_grid(figure, task, p):
     conds = [[], attack_flags("upa", p["upa_rate"])] + [bpa(r) for r in p["bpa_rates"]]
     if figure in ("f12", "cola", "pairs"):
         return [m + c for c in conds for m in (lora, ff)]
+    if figure == "3ep":  # clean, BPA 0.15%, UPA 0.3
+        return [m + c for c in (conds[0], conds[2], conds[1]) for m in (lora, ff)]
+    if figure == "e1":
+        return [m + attack_flags(a, r) for r in p["bpa_rates"] for a in p["e1"] for m in (lora, ff)]
     sweep_conds = conds[:2] + [bpa(p["bpa_rate"])]  # clean (for the UPA drop), UPA, BPA
     low = [bpa(p["bpa_rates"][0])]  # the follow-up's BPA condition (CONV_STAGES)
     scalings = (["--alpha", "16"], ["--alpha", p["rs_alpha"], "--rslora"])

@@ -8,9 +8,10 @@ import model as M
 from conftest import tiny_config
 from test_train import base_args, metrics, run_cli, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
 
-# bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%); through 2 layers of a tiny BERT, logits and
-# gradients agree with fp32 to a few percent of their scale, and every gradient points the same way
-LOGIT_TOL, GRAD_COSINE = 0.05, 0.99
+# bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%). Through 2 layers of a tiny BERT the logits agree
+# with fp32 to 5% of their scale and the whole gradient to 2% (measured: 0.6%); a single small bias gradient, a sum
+# of terms that largely cancel, loses more, so each parameter's gradient is only asked to point the same way
+LOGIT_TOL, GRAD_TOL, GRAD_COSINE = 0.05, 0.02, 0.95
 
 
 def grads_and_logits(net, batch, labels, bf16):
@@ -33,8 +34,13 @@ def test_bf16_forward_and_backward_agree_with_fp32():
     logits, got = grads_and_logits(net, batch, labels, bf16=True)
     assert (logits - ref_logits).abs().max() <= LOGIT_TOL * ref_logits.abs().max()
     assert got.keys() == ref.keys() and all(p.dtype == torch.float32 for p in got.values())  # fp32 master grads
+    flat = lambda grads: torch.cat([grads[name].flatten() for name in ref])
+    assert (flat(got) - flat(ref)).norm() <= GRAD_TOL * flat(ref).norm()
+    scale = max(r.norm() for r in ref.values())
     for name, r in ref.items():
-        if r.norm() > 0:
+        # the key biases' true gradient is 0 (softmax ignores a shift shared by all of a query's scores): fp32 leaves
+        # rounding noise there, whose direction means nothing
+        if r.norm() > 1e-4 * scale:
             assert F.cosine_similarity(got[name].flatten(), r.flatten(), dim=0) > GRAD_COSINE, name
 
 

@@ -134,3 +134,25 @@ def test_spectrum_correlations_over_runs_and_over_seed_averaged_cells(tmp_path):
     spectrum.report(runs, spectra, tmp_path / "s.md", upa_rate=0.3, bpa_rates=(0.01,))
     row = (tmp_path / "s.md").read_text().splitlines()[2].split(" | ")
     assert row[2:] == ["+0.94 (6)", "+1.00 (3)", "- (0)", "- (0) |"]  # no BPA runs: nothing to correlate
+
+
+def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatch):
+    """Issue 23/24's order: pair tasks seeds 0-2, then three epochs (seeds 0-2), then E.1 (seeds 0-4), then the pair
+    tasks' seeds 3-4; three epochs = 12,628 steps with 16 evaluations; E.1 = 4 attacks x 2 rates x 2 modes."""
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
+    sweep.main(["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"),
+                "--runs-dir", str(tmp_path / "runs")])
+    stage = lambda ln: ln.split(str(tmp_path / "runs") + "/")[1].split("/")[0]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if stage(ln) in ("pairs", "3ep", "e1")]
+    seed = lambda ln: int(ln.split("--seed ")[1].split()[0])
+    order = [stage(ln) for ln in lines]
+    assert order == ["pairs"] * 48 + ["3ep"] * 18 + ["e1"] * 80 + ["pairs"] * 32
+    assert {seed(ln) for ln in lines[:48]} == {0, 1, 2} and {seed(ln) for ln in lines[-32:]} == {3, 4}
+    for ln in lines[48:66]:
+        assert "--steps 12628 --eval-every 789" in ln and "--attack mt" not in ln
+    e1 = lines[66:146]
+    for attack in ("clbpa", "ilbpa", "mt", "sbpa"):
+        for rate in ("0.0015", "0.0045"):
+            assert sum(f"--attack {attack} --poison-rate {rate} " in ln for ln in e1) == 10  # 2 modes x 5 seeds
+    assert not any("--poison-pool" in ln for ln in e1)  # each attack's own pool
