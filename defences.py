@@ -479,17 +479,13 @@ def run_defence(run_dir, name, frrs=FRRS, data_dir=None, expected=None):
     with open(os.path.join(run_dir, "metrics.json")) as f:  # the run's own final evaluation, on the whole dev set
         final = json.load(f)["final"]
     result = dict(run=run_dir, config=runspec.run_config(args),
-                  source=dict(cacc=final["clean"]["acc"], asr=final["asr"], asr_net=_finite(final["asr_net"])))
+                  source=dict(cacc=final["clean"]["acc"], asr=final["asr"], asr_net=final["asr_net"]))  # None: undefined
     if name in DETECTORS:
         result["metrics"] = detect(name, net, tokenizer, dev, args.attack, runspec.attack_opts(args), args.max_len, frrs)
     else:
-        n = round(args.poison_rate * len(train_set)) if expected is None else expected
+        n = attacks.count(args.poison_rate, len(train_set)) if expected is None else expected
         result["metrics"], result["dropped"] = filter_rows(name, net, tokenizer, train_set, poisoned, args.max_len, n)
     return result
-
-
-def _finite(x):
-    return x if math.isfinite(x) else None  # strict JSON: net ASR is NaN when no negative is classified right
 
 
 def summary(m):

@@ -142,17 +142,23 @@ def _f1(group, task):
     return out
 
 
+# F2's backdoors: BadNets (Sec. 4.2) and Tab. E.1's four, with the names the paper gives them
+BACKDOORS = {"bpa": "BPA", "clbpa": "CL-BPA", "ilbpa": "IL-BPA", "mt": "MT", "sbpa": "S-BPA"}
+
+
 def _f2(group, task):
     out = []
-    for rate in _rates(group, "bpa"):
-        arms = dict(f=pick(group, mode="ff", attack="bpa", poison_rate=rate),
-                    l=pick(group, **BASELINE, attack="bpa", poison_rate=rate))
-        out.append(_row("F2", task, f"BPA {100 * rate:g}%", "ASR FF - LoRA",
-                        _paired(arms, lambda s: asr(s["f"]) - asr(s["l"])), +1, "asr", _saturated(arms)))
-        if all("asr_net" in r["metrics"] for a in arms.values() for r in a.values()):
-            out.append(_row("F2", task, f"BPA {100 * rate:g}%", "net ASR FF - LoRA",
-                            _paired(arms, lambda s: asr(s["f"], True) - asr(s["l"], True)), +1, "asr",
-                            _saturated(arms, True)))
+    for attack, name in BACKDOORS.items():
+        for rate in _rates(group, attack):
+            arms = dict(f=pick(group, mode="ff", attack=attack, poison_rate=rate),
+                        l=pick(group, **BASELINE, attack=attack, poison_rate=rate))
+            cond = f"{name} {100 * rate:g}%"
+            out.append(_row("F2", task, cond, "ASR FF - LoRA",
+                            _paired(arms, lambda s: asr(s["f"]) - asr(s["l"])), +1, "asr", _saturated(arms)))
+            if all("asr_net" in r["metrics"] for a in arms.values() for r in a.values()):
+                out.append(_row("F2", task, cond, "net ASR FF - LoRA",
+                                _paired(arms, lambda s: asr(s["f"], True) - asr(s["l"], True)), +1, "asr",
+                                _saturated(arms, True)))
     return out
 
 

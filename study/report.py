@@ -400,6 +400,13 @@ def task_headlines(task, name):
 
 for _task, _name in (("cola", "CoLA"), ("qnli", "QNLI"), ("qqp", "QQP")):
     HEADLINES.update(task_headlines(_task, _name))
+# Tab. E.1's four backdoors on SST-2: `cpu` ran them at 1%, `conv` at the paper's BPA rates (issue 24)
+for _name in ("CL-BPA", "IL-BPA", "MT", "S-BPA"):
+    for _what in ("ASR FF - LoRA", "net ASR FF - LoRA"):
+        for _rate in ("0.15%", "0.45%"):
+            HEADLINES[f"E.1 {_name}: {_what}, {'lower' if _rate == '0.15%' else 'higher'} rate"] = dict(
+                {"conv": ("F2", "sst2", f"{_name} {_rate}", _what)},
+                **({"cpu": ("F2", "sst2", f"{_name} 1%", _what)} if _what == "ASR FF - LoRA" and _rate == "0.15%" else {}))
 
 
 def headline_cell(rows, finding, task, cond, what):
