@@ -121,11 +121,17 @@ def effects(runs):
     by_context = defaultdict(list)
     for r in runs:
         by_context[context(r["config"])].append(r)
+    budget = {task: Counter(r["config"]["steps"] for r in runs if r["config"]["task"] == task).most_common(1)[0][0]
+              for task in {r["config"]["task"] for r in runs}}
     for group in by_context.values():
-        task = group[0]["config"]["task"]
-        rows += _f1(group, task) + _f2(group, task) + _sweep(group, task, "F3") + _sweep(group, task, "F4")
-        rows += _zoo(group, task)
-    return [r for r in rows if r is not None]
+        task, steps = group[0]["config"]["task"], group[0]["config"]["steps"]
+        found = _f1(group, task) + _f2(group, task) + _sweep(group, task, "F3") + _sweep(group, task, "F4")
+        found = [r for r in found + _zoo(group, task) if r is not None]
+        if steps != budget[task]:  # e.g. the three-epoch runs beside the 2,500-step grid: named by their length
+            for r in found:
+                r["condition"] += f", {steps:,} steps"
+        rows += found
+    return rows
 
 
 def _rates(group, attack):

@@ -43,6 +43,24 @@ def test_runs_of_another_context_are_not_paired():
     assert row["n"] == 2 and row["mean"] == pytest.approx(4.5)
 
 
+def test_a_longer_run_of_the_same_design_is_named_by_its_length():
+    """The three-epoch runs sit beside the grid's: their cells must not share the grid's labels (the verdicts table
+    picks cells by label)."""
+    longer = [dict(r, config=dict(r["config"], steps=900)) for r in upa_runs()[:8]]  # seeds 0-1, three times longer
+    rows = {r["condition"]: r for r in effects.effects(upa_runs() + longer) if r["finding"] == "F1"}
+    assert set(rows) == {"UPA 0.3", "UPA 0.3, 900 steps"}
+    assert rows["UPA 0.3"]["n"] == 3 and rows["UPA 0.3, 900 steps"]["mean"] == pytest.approx(3.5)
+
+
+def test_e1_backdoors_are_f2_cells_under_their_own_names():
+    rows = []
+    for s, (f, l) in enumerate(((0.9, 0.3), (1.0, 0.5), (0.8, 0.4))):  # FF - LoRA: 60, 50, 40
+        rows += [run(s, 0.8, asr=f, asr_net=f, attack="mt", poison_rate=0.0015, **FF),
+                 run(s, 0.8, asr=l, asr_net=l, attack="mt", poison_rate=0.0015)]
+    (row,) = [r for r in effects.effects(rows) if r["what"] == "ASR FF - LoRA"]
+    assert row["finding"] == "F2" and row["condition"] == "MT 0.15%" and row["mean"] == pytest.approx(50.0)
+
+
 def test_f2_raw_and_net_by_hand():
     rows = []
     for s, (f, l) in enumerate(((0.9, 0.3), (1.0, 0.5), (0.8, 0.4))):  # FF - LoRA: 60, 50, 40
