@@ -472,6 +472,76 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# across tasks: each F1/F2 cell on every task side by side (issue 23)
+
+TASKS = ("sst2", "cola", "qnli", "qqp")
+ACROSS = (("F1", "UPA 0.3", "extra accuracy drop of LoRA", "F1: LoRA's extra accuracy drop, UPA 0.3"),
+          ("F2", "BPA 0.15%", "ASR FF - LoRA", "F2: ASR FF - LoRA, BPA 0.15%"),
+          ("F2", "BPA 0.15%", "net ASR FF - LoRA", "F2: net ASR FF - LoRA, BPA 0.15%"),
+          ("F2", "BPA 0.45%", "ASR FF - LoRA", "F2: ASR FF - LoRA, BPA 0.45%"),
+          ("F2", "BPA 0.45%", "net ASR FF - LoRA", "F2: net ASR FF - LoRA, BPA 0.45%"))
+
+
+def across_tasks(rows):
+    """{title: {task: effects row}} for the F1/F2 cells of ACROSS, on the tasks that have them."""
+    out = {}
+    for finding, cond, what, title in ACROSS:
+        cells = {r["task"]: r for r in rows if (r["finding"], r["condition"], r["what"]) == (finding, cond, what)}
+        out[title] = {t: cells[t] for t in TASKS if t in cells}
+    return out
+
+
+def across_markdown(rows):
+    table = across_tasks(rows)
+    lines = ["| finding | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    for title, cells in table.items():
+        text = [f"{c['mean']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}], n={c['n']}, {c['verdict']}"
+                + (" (saturated)" if c["saturated"] else "") if c else "not run yet" for c in (cells.get(t) for t in TASKS)]
+        lines.append(f"| {title} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def draw_forest(rows, path):
+    """One panel per F1/F2 cell, one row per task: the paired effect and its 95% interval, + = the paper's direction
+    (shaded), the no-effect margin dotted. False when fewer than two tasks have any cell."""
+    table = across_tasks(rows)
+    if len({t for cells in table.values() for t in cells}) < 2:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 2.8), sharey=True)
+    for ax, (title, cells) in zip(axes, table.items()):
+        delta = DELTA["acc" if title.startswith("F1") else "asr"]
+        ys = range(len(TASKS))
+        for y, task in zip(ys, TASKS):
+            c = cells.get(task)
+            if c:
+                ax.errorbar([c["mean"]], [y], xerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]], fmt="o",
+                            color="k", capsize=3)
+                ax.annotate(f"n={c['n']}", (c["hi"], y), xytext=(4, 0), textcoords="offset points", va="center",
+                            fontsize=7)
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(min(lo, -delta * 2), max(hi, delta * 2))
+        ax.axvspan(0, ax.get_xlim()[1], color="tab:green", alpha=0.08, label="the paper's direction")
+        ax.axvline(0, color="k", lw=0.8)
+        for x in (-delta, delta):
+            ax.axvline(x, color="gray", lw=0.8, ls=":")
+        ax.set_yticks(list(ys), TASKS)
+        ax.set_ylim(len(TASKS) - 0.5, -0.5)
+        ax.set_title(textwrap.fill(title, 24), fontsize=8)
+        ax.set_xlabel("points", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle("F1 and F2 across tasks under conv: paired effect, 95% interval (dotted: the no-effect margin)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 ARMS = {"ff": dict(mode="ff"), "lora": BASELINE}  # the two arms of F1/F2
 
 

@@ -294,6 +294,14 @@ def write_report(runs, out_dir):
     return write_effects(runs, out_dir)
 
 
+ACROSS_HEAD = """# F1 and F2 across tasks
+
+Each cell: the per-seed paired effect in points (+ = the paper's direction), its 95% t-interval, the number of
+paired seeds, and the verdict (results/REPORT.md defines them); the forest plot beside this file draws them.
+
+"""
+
+
 def write_effects(runs, out_dir):
     """effects.md (every finding as a paired effect with its 95% interval and verdict) and the curves over training
     (calibration runs left out: they repeat the clean settings at other rates and budgets)."""
@@ -301,6 +309,9 @@ def write_effects(runs, out_dir):
     if rows:
         write_text(out_dir, "effects.md", EFFECTS_HEAD + effects.markdown(rows))
         print(f"wrote {os.path.join(out_dir, 'effects.md')}")
+    if effects.draw_forest(rows, os.path.join(out_dir, "forest.png")):
+        write_text(out_dir, "across-tasks.md", ACROSS_HEAD + effects.across_markdown(rows))
+        print(f"wrote {os.path.join(out_dir, 'across-tasks.md')} and forest.png")
     zoo = write_zoo(runs, rows, out_dir)
     for task in sorted({r["config"]["task"] for r in runs if len(r.get("curve", ())) > 1}):
         if effects.draw_curves(runs, task, os.path.join(out_dir, f"curves-{task}.png")):

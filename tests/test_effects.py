@@ -363,3 +363,13 @@ def test_curves_net_asr_skips_undefined_points():
     (p,) = effects.curves(rows, "sst2", "bpa", 0.0045, effects.BASELINE)
     assert p["asr_net"] == pytest.approx(40.0) and p["asr_net_sd"] == pytest.approx(2 ** 0.5 * 10)
     assert p["asr"] == pytest.approx(60.0) and p["n"] == 3
+
+
+def test_across_tasks_puts_each_tasks_cell_in_its_column(tmp_path):
+    rows = effects.effects(upa_runs() + [dict(r, config=dict(r["config"], task="qnli")) for r in upa_runs()[:8]])
+    table = effects.across_markdown(rows)
+    f1 = next(ln for ln in table.splitlines() if ln.startswith("| F1"))
+    assert f1.split(" | ")[1:] == ["+4.0 [+1.5, +6.5], n=3, replicated", "not run yet",
+                                   "+3.5 [-2.9, +9.9], n=2, inconclusive", "not run yet |"]
+    assert effects.draw_forest(rows, tmp_path / "forest.png") and (tmp_path / "forest.png").stat().st_size > 0
+    assert not effects.draw_forest(effects.effects(upa_runs()), tmp_path / "one.png")  # one task: nothing to set beside
