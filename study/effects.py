@@ -568,13 +568,14 @@ def curves(runs, task, attack, rate, arm):
     return out
 
 
-def draw_curves(runs, task, path):
+def draw_curves(runs, task, path, steps=None):
     """CACC against samples seen, and ASR (raw, and net of false positives) against samples seen and against poisoned
-    samples seen, per attack and rate: FF vs LoRA, mean ± std over seeds."""
+    samples seen, per attack and rate: FF vs LoRA, mean ± std over seeds. The grid's runs, or those of one length."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = [r for r in runs if r["config"]["task"] == task and len(r.get("curve", ())) > 1]
+    runs = [r for r in runs if r["config"]["task"] == task and len(r.get("curve", ())) > 1
+            and steps in (None, r["config"]["steps"])]
     if not runs:
         return False
     main = _main_context(runs)

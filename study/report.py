@@ -17,7 +17,7 @@ import attacks
 import cli
 import ledger
 import runspec
-from study import ROOT, calibrate, effects, stats
+from study import ROOT, calibrate, delay, effects, stats
 
 THEORY = os.path.join(ROOT, "results", "theory")
 
@@ -312,6 +312,11 @@ def write_effects(runs, out_dir):
     if effects.draw_forest(rows, os.path.join(out_dir, "forest.png")):
         write_text(out_dir, "across-tasks.md", ACROSS_HEAD + effects.across_markdown(rows))
         print(f"wrote {os.path.join(out_dir, 'across-tasks.md')} and forest.png")
+    longer = delay.delay_or_limit(runs)
+    if longer:
+        write_text(out_dir, "delay.md", delay.markdown(longer))
+        effects.draw_curves(runs, "sst2", os.path.join(out_dir, "curves-sst2-3ep.png"), steps=longer["steps"])
+        print(f"wrote {os.path.join(out_dir, 'delay.md')} and curves-sst2-3ep.png")
     zoo = write_zoo(runs, rows, out_dir)
     for task in sorted({r["config"]["task"] for r in runs if len(r.get("curve", ())) > 1}):
         if effects.draw_curves(runs, task, os.path.join(out_dir, f"curves-{task}.png")):

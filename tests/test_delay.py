@@ -1,0 +1,64 @@
+"""study/delay.py: the pre-registered delay-or-limit rule on hand-made three-epoch runs worked out by hand."""
+import pytest
+
+from study import delay
+
+BASE = dict(task="sst2", batch_size=16, max_len=64, lr=5e-4, rank=8, alpha=16.0, rslora=False, init="kaiming_uniform",
+            init_scale=1 / 3, attack="none", poison_rate=0.0, curve_dev=256)
+FF = dict(mode="ff", lr=2e-5)
+LORA = dict(mode="lora")
+
+
+def run(seed, steps, mode, acc, asr=None, curve=(), **attack):
+    metrics = {"clean": {"acc": acc}}
+    if asr is not None:
+        metrics.update(asr=asr, asr_net=asr)
+    points = [dict(samples=16 * s, poisoned_seen=s // 10, acc=acc, **({"asr_net": a} if a is not None else {}))
+              for s, a in curve] or [dict(samples=16 * steps, poisoned_seen=0, acc=acc)]
+    return {"config": {**BASE, **mode, **attack, "steps": steps, "eval_every": steps // 8, "seed": seed},
+            "metrics": metrics, "curve": points}
+
+
+def grid(lora_end):
+    """3 seeds; FF ends at 100% net ASR, LoRA at lora_end[seed]; at the 2,500-step budget FF 80%, LoRA 10%."""
+    bpa = dict(attack="bpa", poison_rate=0.0015)
+    upa = dict(attack="upa", poison_rate=0.3)
+    runs = []
+    for s in range(3):
+        for steps, ff_asr, lora_asr in ((2500, 0.8, 0.1), (12628, 1.0, lora_end[s])):
+            runs += [run(s, steps, FF, 0.88), run(s, steps, LORA, 0.86),
+                     run(s, steps, FF, 0.85, **upa), run(s, steps, LORA, 0.82 - 0.01 * s, **upa),
+                     run(s, steps, FF, 0.87, ff_asr, [(1000, 0.2), (2000, 0.6), (steps, ff_asr)], **bpa),
+                     run(s, steps, LORA, 0.85, lora_asr, [(1000, None), (5000, 0.55), (steps, lora_asr)], **bpa)]
+    return runs + [run(3, 2500, FF, 0.88)]  # the grid has more runs than the longer design (seed 3: unpaired)
+
+
+def test_delay_when_the_interval_ends_below_10_points():
+    # FF - LoRA at the end: 5, 3, 7 -> mean 5, sd 2, 95% CI 5 +- 4.303 * 2 / sqrt(3) = [0.03, 9.97]: below 10
+    res = delay.delay_or_limit(grid([0.95, 0.97, 0.93]))
+    end = res["contrasts"][("end", "net ASR")]
+    assert end["mean"] == pytest.approx(5.0) and end["hi"] == pytest.approx(5 + 4.303 * 2 / 3 ** 0.5, abs=1e-3)
+    assert res["verdict"] == "delay" and res["steps"] == 12628 and res["budget"] == 2500
+    assert res["contrasts"][("budget", "ASR")]["mean"] == pytest.approx(70.0)  # the grid's runs: 80 - 10
+    assert res["asr"][("end", "ASR")] == {"ff": pytest.approx(100.0), "lora": pytest.approx(95.0)}
+    # UPA drops: FF 3 points, LoRA 4, 5, 6 -> F1 at three epochs: 1, 2, 3
+    assert res["upa_drop"][("end", "F1")]["mean"] == pytest.approx(2.0)
+    assert res["clean_gap"]["end"]["mean"] == pytest.approx(2.0)
+    # first crossings: FF passes 50% at step 2000 in every seed, 80% only at its last point; LoRA 50% at 5000
+    assert res["crossing"]["ff"][50] == {s: (32000, 200) for s in range(3)}
+    assert res["crossing"]["lora"][50][0] == (80000, 500) and res["crossing"]["lora"][80][0] == (16 * 12628, 1262)
+    assert "delay" in delay.markdown(res)
+
+
+def test_limit_and_inconclusive():
+    assert delay.delay_or_limit(grid([0.70, 0.72, 0.74]))["verdict"] == "limit"  # 30, 28, 26: CI [23.0, 33.0]
+    assert delay.delay_or_limit(grid([0.60, 0.70, 0.80]))["verdict"] == "inconclusive"  # 40, 30, 20: [5.2, 54.8]
+    short = [r for r in grid([0.9, 0.9, 0.9]) if r["config"]["steps"] == 2500]
+    assert delay.delay_or_limit(short) is None
+
+
+def test_the_report_writes_delay_md_and_the_three_epoch_curves(tmp_path):
+    from study import report
+    report.write_effects(grid([0.95, 0.97, 0.93]), str(tmp_path))
+    assert (tmp_path / "delay.md").read_text().startswith("# Delay or limit: SST-2, BPA 0.15%, 12,628 steps")
+    assert (tmp_path / "curves-sst2-3ep.png").stat().st_size > 0
