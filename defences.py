@@ -30,10 +30,12 @@ set) and `test` (where it is measured, with the test third's non-target rows tri
   dan    DAN: Chen, Yang, Zhang, Bi, Sun, "Expose Backdoors on the Way: A Feature-Based Efficient Defense against
          Textual Backdoor Attacks", Findings of EMNLP 2022. Per layer l = 1..L, class-conditional Gaussians with a
          shared covariance are fitted to the clean samples' [CLS] states; s_l(x) = min_k (h_l - mu_k)^T S^-1
-         (h_l - mu_k), the Mahalanobis distance to the nearest class; each layer's s_l is standardised by its mean
-         and std on the fit set, and the score is the maximum over layers. (The embeddings' [CLS] is the same for
-         every input and is left out.) Our addition: S is shrunk towards (tr S / d) I by 0.1, because the clean fit
-         set may hold fewer rows than the hidden size has dimensions.
+         (h_l - mu_k), the Mahalanobis distance to the nearest class, with S shrunk towards (tr S / d) I by 0.1
+         (as the authors' code does, with scikit-learn's ShrunkCovariance default); each layer's s_l is
+         standardised by its mean and std, and the score is the mean over layers (the authors' README runs
+         `--std --agg mean`; their `min` option is the maximum of the standardised distances). (The embeddings'
+         [CLS] is the same for every input and is left out.) Where we differ: their code standardises on a
+         held-out fifth of the clean data, we on the fit set itself; they pool tokens by default, we read [CLS].
 
 Training-data filters. Each ranks the training rows, using the model trained on the (poisoned) training set, and
 drops the suspects; retraining on the rest is train.py --drop-rows FILE.
@@ -269,7 +271,7 @@ def dan_detector(net, tokenizer, fit, max_len, target, shrink=SHRINK):
     def score(examples):
         h = outputs(net, examples, tokenizer, max_len, LAYERS)[1].double()
         s = torch.stack([mahalanobis(x, *f) for x, f in zip(h, fits)])
-        return ((s - mean) / std).max(0).values
+        return ((s - mean) / std).mean(0)
     return score
 
 
