@@ -539,10 +539,12 @@ def stop(run, err):
         how = "nothing was written; run the same command again"
     else:
         held = f"a checkpoint at step {run.saved}" if run.saved else "no checkpoint yet (it restarts at step 0)"
-        how = f"it holds {held}{note}; " + ("no metrics or results line were written; start the run again with "
-                                           "--overwrite" if isinstance(err, Diverged) else
-                                           ("free space or make it writable, then " if isinstance(err, OSError) else "")
-                                           + "continue with the same command plus --resume")
+        if isinstance(err, Diverged):
+            then = "no metrics or results line were written; start the run again with --overwrite"
+        else:
+            then = ("free space or make it writable, then " if isinstance(err, OSError) else "") \
+                + "continue with the same command plus --resume"
+        how = f"it holds {held}{note}; {then}"
     print(f"error: {run.args.out} stopped at step {run.step} of {run.args.steps} ({why}); {how}", file=sys.stderr)
     sys.exit(code)
 
