@@ -17,7 +17,7 @@ import attacks
 import cli
 import ledger
 import runspec
-from study import ROOT, calibrate, delay, effects, stats
+from study import ROOT, calibrate, delay, effects, numerics, stats
 
 THEORY = os.path.join(ROOT, "results", "theory")
 
@@ -480,14 +480,17 @@ def thm36_rows(root):
 
 def report_all(root):
     """Every results/<protocol>/results.jsonl's report, then results/verdicts.md."""
-    rows, compute, zoos = {}, [], []
+    rows, compute, zoos, runs_of = {}, [], [], {}
     for protocol in sorted(os.listdir(root)):
         path = os.path.join(root, protocol, "results.jsonl")
         if os.path.isfile(path) and (runs := ledger.runs(path)):
             if zoo := write_report(runs, os.path.join(root, protocol)):
                 zoos.append(f"From `results/{protocol}/zoo.md`:\n\n{zoo}")
-            rows[protocol] = effects.effects(runs)
+            rows[protocol], runs_of[protocol] = effects.effects(runs), runs
             compute.append(f"- `{protocol}`: {compute_used(runs)}")
+    if "conv-bf16" in runs_of and "conv" in runs_of:  # the bf16 numerics check against its fp32 twins
+        write_text(os.path.join(root, "conv-bf16"), "numerics.md",
+                   numerics.markdown(numerics.compare(runs_of["conv-bf16"], runs_of["conv"])))
     text = verdicts(rows, thm36_rows(root) if "conv" in rows else ()) + "\n\nCompute behind each column:\n\n" \
         + "\n".join(compute)
     write_text(root, "verdicts.md", VERDICTS_HEAD + text)

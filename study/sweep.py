@@ -55,7 +55,7 @@ PROTOCOLS = {
     # `conv`: the converged-regime protocol (results/REPORT.md, "The converged protocol"). Constant learning rate
     # after warm-up, so every prefix of a run is itself a run of the protocol and a curve shows every shorter budget.
     # Its learning rates and step budget are fixed by the written rule from the clean `calib` runs alone.
-    "conv": dict(model=None, tasks=("sst2",), seeds=(0, 1, 2, 3, 4),
+    "conv": dict(kind="conv", model=None, tasks=("sst2",), seeds=(0, 1, 2, 3, 4),
                  common=["--batch-size", "16", "--schedule", "constant", "--warmup", "100", "--ckpt-every", "500"],
                  # max length per task: the 95th percentile of the training set's [CLS] a [SEP] b [SEP] lengths, rounded
                  # up to a multiple of 32 (fixed 2026-12-01 for the pair tasks; SST-2 and CoLA keep the 64 they ran at).
@@ -79,6 +79,10 @@ PROTOCOLS = {
                  epochs3=dict(steps=12628, curve_points=16),
                  e1=("clbpa", "ilbpa", "mt", "sbpa")),  # Tab. E.1's backdoors, each from its own pool of rows
 }
+# `conv-bf16`: the numerics check of bf16 autocast (results/REPORT.md, "bf16 against fp32"): F1/F2's clean, UPA 0.3
+# and BPA 0.15% cells of `conv` again with --dtype bf16, in a results file of their own
+PROTOCOLS["conv-bf16"] = dict(PROTOCOLS["conv"], common=PROTOCOLS["conv"]["common"] + ["--dtype", "bf16"],
+                              stages=((("bf16",), 5),))
 SCALES = (0.0001, 0.001, 0.1, 0.333, 0.667, 1.0, 1.5, 2.0)  # A-init variance scales k (Sec. 4.4.2)
 
 
@@ -96,7 +100,7 @@ def grid(figure, p):
                 + (["--rank", "8", "--alpha", "16"] if mode == "lora" else [])
                 for task in c["tasks"] for i in range(len(c["lr"]["lora"])) for mode in ("lora", "ff")
                 for lr in (c["lr"][mode][(i + 1) % len(c["lr"][mode])],)]  # the middle rate of each mode first
-    if p is PROTOCOLS["conv"]:
+    if p.get("kind") == "conv":
         return conv_grid(figure, p)
     for task in p["tasks"]:
         base = p["common"] + ["--task", task]
@@ -174,6 +178,8 @@ def conv_task_grid(figure, task, p):
     conds = [[], attack_flags("upa", p["upa_rate"])] + [bpa(r) for r in p["bpa_rates"]]
     if figure in ("f12", "cola", "pairs"):
         return [m + c for c in conds for m in (lora, ff)]
+    if figure == "bf16":  # clean, UPA 0.3, BPA 0.15% (the protocol adds --dtype bf16)
+        return [m + c for c in conds[:3] for m in (lora, ff)]
     if figure == "3ep":  # clean, BPA 0.15%, UPA 0.3
         return [m + c for c in (conds[0], conds[2], conds[1]) for m in (lora, ff)]
     if figure == "e1":
@@ -199,7 +205,7 @@ STAGES = (("calib",), ("fig1", "fig2"), ("fig4", "fig5"), ("tabE1", "tabE2"), ("
 
 def ready(figure, p):
     """Whether a figure's runs are fixed: the converged protocol's grids wait for its calibration rule."""
-    if p is not PROTOCOLS["conv"] or figure == "calib":
+    if p.get("kind") != "conv" or figure == "calib":
         return True
     if p["lr"] is None:
         return False
