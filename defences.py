@@ -504,12 +504,9 @@ def summary(m):
 
 
 def write_json(path, obj):
-    """Strict JSON (no NaN), written whole or not at all."""
+    """Strict JSON, written whole or not at all (cli.write_json), its folder made first."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    text = json.dumps(obj, indent=1, allow_nan=False)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    cli.write_json(path, obj)
 
 
 def check_args(a):

@@ -72,8 +72,7 @@ def measure(stage, runs, names, results, drops, data_dir):
                 result["drop_rows"] = drop_file(drops, folder, name)
                 defences.write_json(result["drop_rows"], {"run": folder, "defence": name,
                                                           "dropped": result.pop("dropped")})
-            json.dumps(result, allow_nan=False)  # strict JSON: a NaN is a bug here, not a value
-            ledger.append(results, result)
+            ledger.append(results, result)  # strict JSON: the ledger refuses a NaN
             print(f"{stage}: {folder}: " + defences.summary(result["metrics"]))
 
 
