@@ -72,6 +72,13 @@ def calibration_curves(lines, task="sst2"):
     return out
 
 
+def dev_used(lines, task):
+    """What the calibration curves of a task were evaluated on: the whole dev set, or the pair tasks' fixed subset."""
+    n = max((r["config"].get("curve_dev") or 0 for r in lines if r["config"]["task"] == task and is_calibration(r)),
+            default=0)
+    return "whole dev set" if not n else f"a fixed {n:,}-row dev subset, the last point the final dev set"
+
+
 def markdown(decision, curves):
     pct = lambda v: f"{100 * v:.1f}"
     lines = ["# Calibration of the converged protocol (clean runs, seed 0)", "",
@@ -87,7 +94,7 @@ def markdown(decision, curves):
     return "\n".join(lines) + "\n"
 
 
-def draw(curves, decision, path):
+def draw(curves, decision, path, dev="whole dev set"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,7 +109,8 @@ def draw(curves, decision, path):
     ax.set_ylabel("clean dev accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    ax.set_title("Converged protocol: clean calibration curves (seed 0, whole dev set)")
+    ax.set_title(f"Converged protocol: clean calibration curves (seed 0, {dev})" if dev == "whole dev set" else
+                 f"Converged protocol: clean calibration curves (seed 0)\n{dev}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -118,7 +126,8 @@ def main(argv=None):
         if not os.path.isfile(args.results):
             raise cli.UsageError(f"{args.results}: no such results JSONL; run `python -m study.sweep calib --protocol conv` "
                                  "first")
-        curves = calibration_curves(ledger.runs(args.results), args.task)
+        lines = ledger.runs(args.results)
+        curves = calibration_curves(lines, args.task)
         decision = choose(curves)
         out = args.out or os.path.dirname(os.path.abspath(args.results))
         cli.check_folder_path(out, "--out")
@@ -126,7 +135,7 @@ def main(argv=None):
     text = markdown(decision, curves)
     with open(os.path.join(out, f"calib-{args.task}.md"), "w") as f:
         f.write(text)
-    draw(curves, decision, os.path.join(out, f"calib-{args.task}.png"))
+    draw(curves, decision, os.path.join(out, f"calib-{args.task}.png"), dev_used(lines, args.task))
     print(text)
 
 

@@ -364,7 +364,7 @@ def write_calibration(runs, out_dir):
         if set(curves) == {"lora", "ff"}:
             decision = calibrate.choose(curves)
             write_text(out_dir, f"calib-{task}.md", calibrate.markdown(decision, curves).rstrip("\n"))
-            calibrate.draw(curves, decision, os.path.join(out_dir, f"calib-{task}.png"))
+            calibrate.draw(curves, decision, os.path.join(out_dir, f"calib-{task}.png"), calibrate.dev_used(runs, task))
 
 
 EFFECTS_HEAD = """# The findings as per-seed paired effects

@@ -46,3 +46,11 @@ def test_no_matched_fit_falls_back_and_says_so():
     # a_FF(250) = 0.85 and a_FF(500) = 0.867 are below 0.89, a_FF(750) = 0.90; LoRA sits at its own plateau 0.85,
     # 5 points under FF from step 750 on, so matched fit (met only at 250) never coincides with both near plateau
     assert not d["matched"] and d["budget"] == 750
+
+
+def test_the_pair_tasks_curves_say_they_used_a_dev_subset():
+    line = lambda task, curve_dev: {"config": {"task": task, "attack": "none", "steps": 5000, "curve_dev": curve_dev},
+                                    "curve": [{"step": 250}, {"step": 500}]}
+    lines = [line("sst2", 0), line("qnli", 1000), line("qnli", 1000)]
+    assert calibrate.dev_used(lines, "sst2") == "whole dev set"
+    assert calibrate.dev_used(lines, "qnli") == "a fixed 1,000-row dev subset, the last point the final dev set"
