@@ -74,8 +74,9 @@ def calibration_curves(lines, task="sst2"):
 
 def dev_used(lines, task):
     """What the calibration curves of a task were evaluated on: the whole dev set, or the pair tasks' fixed subset."""
-    n = max((r["config"].get("curve_dev") or 0 for r in lines if r["config"]["task"] == task and is_calibration(r)),
-            default=0)
+    sizes = {(r["curve"][0].get("n"), r["curve"][-1].get("n")) for r in lines
+             if r["config"]["task"] == task and is_calibration(r)}  # (an evaluation's dev rows, the final one's)
+    n = max((first for first, last in sizes if first and last and first < last), default=0)
     return "whole dev set" if not n else f"a fixed {n:,}-row dev subset, the last point the final dev set"
 
 

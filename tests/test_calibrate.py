@@ -49,8 +49,8 @@ def test_no_matched_fit_falls_back_and_says_so():
 
 
 def test_the_pair_tasks_curves_say_they_used_a_dev_subset():
-    line = lambda task, curve_dev: {"config": {"task": task, "attack": "none", "steps": 5000, "curve_dev": curve_dev},
-                                    "curve": [{"step": 250}, {"step": 500}]}
-    lines = [line("sst2", 0), line("qnli", 1000), line("qnli", 1000)]
+    line = lambda task, n, final: {"config": {"task": task, "attack": "none", "steps": 5000},
+                                   "curve": [{"step": 250, "n": n}, {"step": 5000, "n": final}]}
+    lines = [line("sst2", 872, 872), line("qnli", 1000, 5463), line("qnli", 1000, 5463)]
     assert calibrate.dev_used(lines, "sst2") == "whole dev set"
     assert calibrate.dev_used(lines, "qnli") == "a fixed 1,000-row dev subset, the last point the final dev set"
