@@ -69,8 +69,8 @@ PROTOCOLS = {
                             lr={"lora": ("2e-4", "5e-4", "1e-3"), "ff": ("1e-5", "2e-5", "5e-5")}),
                  # fixed by the rule from the calib runs (results/conv/calib-sst2.md, applied 2026-11-29 before any
                  # attacked run); CoLA's budget from its own calibration (rule 3, results/conv/calib-cola.md), as
-                 # QNLI's (calib-qnli.md, applied 2026-12-01 before any attacked QNLI run); QQP's is still running
-                 lr={"lora": "5e-4", "ff": "2e-5"}, steps={"sst2": 2500, "cola": 2750, "qnli": 2500},
+                 # QNLI's and QQP's (calib-qnli.md, calib-qqp.md, applied 2026-12-01 before any attacked run of them)
+                 lr={"lora": "5e-4", "ff": "2e-5"}, steps={"sst2": 2500, "cola": 2750, "qnli": 2500, "qqp": 2000},
                  upa_rate=0.3, bpa_rates=(0.0015, 0.0045), bpa_rate=0.0045,  # the paper's lowest/highest BPA rates
                  ranks=(4, 64, 384), scales=(0.0001, 2.0),  # F3/F4 contrasts; rank 8 and k = 1/3 come from f12
                  rs_alpha="5.656854",  # rsLoRA alpha/sqrt(r) with alpha = 2 sqrt(8): rank 8's scale stays 16/8 = 2
