@@ -100,8 +100,9 @@ def _drops(clean, upa):
 
 
 def _mean(values):
+    """The mean (stats.mean_std) of the defined values; None when there are none."""
     values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else None
+    return stats.mean_std(values)[0] if values else None
 
 
 # -----------------------------------------------------------------------------
