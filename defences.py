@@ -99,6 +99,7 @@ SPLIT_SEED = 0          # one dev split for every run, so detectors pair across 
 SHRINK = 0.1            # DAN's covariance shrinkage (see above)
 AC_DIMS, AC_MAX_SHARE = 10, 0.35
 BKI_TOP = 5
+BKI_CHUNK = 512   # rows per outputs() call: ~5,000 variants whose last-layer states take ~8 MB
 OFF = -2.0              # RAP's score for inputs not predicted as the target: below every -Delta in [-1, 1]
 # which [CLS] states outputs() keeps: none (STRIP, RAP), the last layer's (the filters), layers 1..L (DAN)
 NO_STATES, LAST, LAYERS = slice(0), slice(-1, None), slice(1, None)
@@ -109,20 +110,25 @@ NO_STATES, LAST, LAYERS = slice(0), slice(-1, None), slice(1, None)
 
 @torch.no_grad()
 def outputs(net, examples, tokenizer, max_len, layers=slice(None), batch_size=64):
-    """(class probabilities (N, C), [CLS] states (len(layers), N, H)) of a list of Examples, with dropout off.
-    layers picks among the L + 1 states (embeddings, then each layer): all by default; keeping only what a defence
-    reads keeps 67,349 training rows' states in memory at 100 MB instead of 700."""
+    """(class probabilities (N, C), [CLS] states (len(layers), N, H)) of a list of Examples, with dropout off, in
+    the list's order. layers picks among the L + 1 states (embeddings, then each layer): all by default; keeping
+    only what a defence reads keeps 67,349 training rows' states in memory at 100 MB instead of 700.
+    The examples go through the model shortest first, so each batch pads to about its own length (a batch pads to
+    its longest row; masked padding leaves the other rows' outputs as they are, up to float rounding)."""
     was_training = net.training
     net.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].text_a) + len(examples[i].text_b or ""))
     probs, states = [], []
-    for i in range(0, len(examples), batch_size):
-        batch = data.collate(examples[i:i + batch_size], tokenizer, max_len)
+    for i in range(0, len(order), batch_size):
+        batch = data.collate([examples[j] for j in order[i:i + batch_size]], tokenizer, max_len)
         batch.pop("labels")
         cls = []
         probs.append(net(**batch, cls_states=cls).softmax(-1))
         states.append(torch.stack(cls)[layers])
     net.train(was_training)
-    return torch.cat(probs), torch.cat(states, dim=1)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))  # sorted position of each example
+    return torch.cat(probs)[back], torch.cat(states, dim=1)[:, back]
 
 
 def dev_split(dev, seed=SPLIT_SEED):
@@ -422,8 +428,8 @@ def bki_keyword(net, tokenizer, examples, max_len, top=BKI_TOP):
     """(the suspected trigger word, {word: score}): importance ||h(x) - h(x minus word i)||_inf of the last layer's
     [CLS]; each row's `top` most important words; score = mean importance x log10(rows the word was top in)."""
     found = defaultdict(list)
-    for start in range(0, len(examples), 32):  # 32 rows and all their variants per pass through the model
-        chunk = examples[start:start + 32]
+    for start in range(0, len(examples), BKI_CHUNK):  # rows and all their variants per call of outputs()
+        chunk = examples[start:start + BKI_CHUNK]
         h = outputs(net, [v for e in chunk for v in [e] + without_each_word(e)], tokenizer, max_len, LAST)[1][0]
         at = 0
         for e in chunk:

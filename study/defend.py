@@ -3,20 +3,25 @@ The defences experiment (issue 26) on the converged protocol's BPA runs (the `f1
 detector and filter of defences.py on each run, one results line per (run, defence), then training again on each
 filtered training set. Pre-registration: results/REPORT.md, "Defences x LoRA/FF".
 
+    python -m study.defend all --jobs 2       # everything below in order, resumable: the one background command
     python -m study.defend plan               # the source runs, whether each is finished, train.py lines for the rest
+    python -m study.defend sources --jobs 2   # train the source runs not at hand; check they reproduce results/conv
     python -m study.defend detect             # STRIP, RAP, DAN: BPA 0.15% and 0.45%, FF and LoRA r8, seeds 0-4
     python -m study.defend filter             # spectral, AC, BKI: BPA 0.45%, seeds 0-2; writes the drop files
-    python -m study.defend retrain [--print]  # train.py --drop-rows on each filtered set (or print the commands)
+    python -m study.defend retrain --jobs 2   # train.py --drop-rows on each filtered set (--print: the commands)
     python -m study.defend effects            # the pre-registered paired contrasts and their verdicts
     python -m study.defend figure             # ASR before and after each defence, FF and LoRA: defences.png
 
 A (run, defence) already in the results file is skipped, so every stage can be stopped and continued. The source
-runs are the sweep's own folders (runs/conv/f12/...): `plan` prints train.py lines for those not finished, recording
-into runs/conv/defend-sources.jsonl so that results/conv/results.jsonl is left alone.
+runs are the sweep's own folders (runs/conv/f12/...): `sources` trains those not finished (`plan` prints their
+train.py lines), recording into runs/conv/defend-sources.jsonl so that results/conv/results.jsonl is left alone. The
+same flags give the same run, so each source run's results line must equal its committed one in results/conv:
+`sources` compares them and says so (a mismatch is reported, not hidden; the defences still run on the new run).
+Training (sources, retrain) runs `--jobs` at a time, through the sweep's runner; detect and filter run in this
+process, on all the machine's threads. One process at a time in a runs folder (the sweep's lock).
 """
 import json
 import os
-import subprocess
 import sys
 
 import cli
@@ -81,16 +86,40 @@ def _config(folder):
         return json.load(f)["run"]
 
 
-def retrain_plan(runs, drops, runs_dir, results):
-    """train.py flags of each filtered retraining: the source run's flags plus --drop-rows, its own folder."""
+def retrain_plan(runs, drops, retrained):
+    """(folder name under the runs folder, train.py flags) of each filtered retraining not yet in `retrained`: the
+    source run's flags plus --drop-rows."""
+    done = {runspec.run_key(r["config"]) for r in (ledger.runs(retrained) if os.path.isfile(retrained) else [])}
     plan = []
     for folder, flags in runs:
         for name in defences.FILTERS:
             path = drop_file(drops, folder, name)
-            if os.path.isfile(path):
-                out = os.path.join(runs_dir, "defend", f"{os.path.basename(folder)}-{name}")
-                plan.append(flags + ["--drop-rows", path, "--out", out, "--results", results, "--resume", "auto"])
+            if os.path.isfile(path) and runspec.run_key(sweep.resolve(flags + ["--drop-rows", path])) not in done:
+                plan.append((os.path.join("defend", f"{os.path.basename(folder)}-{name}"), flags + ["--drop-rows", path]))
     return plan
+
+
+def sources_file(runs_dir):
+    return os.path.join(runs_dir, "defend-sources.jsonl")
+
+
+def unfinished(runs, runs_dir):
+    """(folder name under the runs folder, train.py flags) of the source runs without their final metrics."""
+    return [(os.path.relpath(folder, runs_dir), flags) for folder, flags in runs if not finished(folder)]
+
+
+def reproduced(runs_dir, committed):
+    """(same, differ, missing): the source runs' results lines against results/conv's committed lines of the same
+    run key. "same" means equal final metrics and curve, to the last bit (the wall time and paths may differ)."""
+    mine = ledger.runs(sources_file(runs_dir)) if os.path.isfile(sources_file(runs_dir)) else []
+    theirs = {runspec.run_key(r["config"]): r for r in (ledger.runs(committed) if os.path.isfile(committed) else [])}
+    same, differ, missing = [], [], []
+    for r in mine:
+        other = theirs.get(runspec.run_key(r["config"]))
+        which = missing if other is None else same if (r["metrics"], r.get("curve")) == \
+            (other["metrics"], other.get("curve")) else differ
+        which.append(r["out"])
+    return same, differ, missing
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +226,7 @@ def markdown(rows):
 
 def main(argv=None):
     p = cli.Parser(description=__doc__)
-    p.add_argument("stage", choices=["plan", "detect", "filter", "retrain", "effects", "figure"], help="what to do")
+    p.add_argument("stage", choices=STAGES, help="what to do")
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "conv"), help="the conv sweep's run folders")
     p.add_argument("--results", default=os.path.join(ROOT, "results", "conv", "defences.jsonl"),
                    help="one line per (run, defence)")
@@ -207,41 +236,69 @@ def main(argv=None):
                    help="results file of the retraining runs")
     p.add_argument("--seeds", type=int, default=None, help="only the first N seeds of the stage")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: the one each run recorded)")
-    p.add_argument("--print", action="store_true", help="retrain/plan: print the train.py commands, run nothing")
+    p.add_argument("--print", action="store_true", help="retrain: print the train.py commands, run nothing")
+    p.add_argument("--jobs", type=int, default=1, help="sources, retrain, all: training runs at a time")
+    p.add_argument("--committed", default=os.path.join(ROOT, "results", "conv", "results.jsonl"),
+                   help="sources, all: the committed results the source runs must reproduce")
     a = p.parse_args(argv)
     with cli.usage_errors():
         if a.seeds is not None and a.seeds < 1:
             raise cli.UsageError(f"--seeds must be >= 1, got {a.seeds}")
+        if a.jobs < 1:
+            raise cli.UsageError(f"--jobs must be >= 1, got {a.jobs}")
         for flag, path in (("--results", a.results), ("--retrain-results", a.retrain_results)):
             cli.check_file_path(path, flag)
         cli.check_folder_path(a.drops, "--drops")
-        spec = FILTER if a.stage in ("filter", "retrain") else DETECT  # DETECT's runs include FILTER's
-        seeds = spec["seeds"][:a.seeds] if a.seeds else spec["seeds"]
-        runs = source_runs(spec["rates"], seeds, a.runs_dir)
-        if a.stage == "plan":
-            return plan(runs, a.runs_dir)
-        if a.stage in ("detect", "filter"):
-            names = defences.DETECTORS if a.stage == "detect" else defences.FILTERS
-            return measure(a.stage, runs, names, a.results, a.drops, a.data_dir)
-        if a.stage == "effects":
-            return print(markdown(contrasts(a.results, a.retrain_results)))
-        if a.stage == "figure":
-            path = os.path.join(os.path.dirname(a.results), "defences.png")
-            return print(f"wrote {path}" if figure(a.results, a.retrain_results, path) else "nothing to draw yet")
-        for flags in retrain_plan(runs, a.drops, a.runs_dir, a.retrain_results):
-            cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
-            print(" ".join(cmd[1:]), flush=True)
-            if not a.print and subprocess.run(cmd, cwd=ROOT).returncode:
-                sys.exit(1)
+        if a.stage in ("sources", "all") and not os.path.isfile(a.committed):
+            raise cli.UsageError(f"--committed {a.committed}: no such results file")
+        lock = None if a.stage in ("plan", "effects", "figure") or a.print else \
+            cli.own_folder(a.runs_dir, "--runs-dir")  # noqa: F841 (held until the end: one process per runs folder)
+    for stage in (("sources", "detect", "filter", "retrain", "effects", "figure") if a.stage == "all" else (a.stage,)):
+        run_stage(stage, a)
+
+
+STAGES = ("all", "plan", "sources", "detect", "filter", "retrain", "effects", "figure")
+
+
+def run_stage(stage, a):
+    spec = FILTER if stage in ("filter", "retrain") else DETECT  # DETECT's runs include FILTER's
+    seeds = spec["seeds"][:a.seeds] if a.seeds else spec["seeds"]
+    runs = source_runs(spec["rates"], seeds, a.runs_dir)
+    if stage == "plan":
+        return plan(runs, a.runs_dir)
+    if stage == "sources":
+        todo = unfinished(runs, a.runs_dir)
+        if todo:
+            sweep.run_all(todo, a.jobs, a.runs_dir, sources_file(a.runs_dir))
+        same, differ, missing = reproduced(a.runs_dir, a.committed)
+        print(f"sources: {len(runs)} finished; {len(same)} reproduce their committed results line bit for bit, "
+              f"{len(differ)} differ, {len(missing)} have none in {a.committed}"
+              + "".join(f"\n  DIFFERS: {d}" for d in differ), file=sys.stderr)
+        return
+    if stage in ("detect", "filter"):
+        names = defences.DETECTORS if stage == "detect" else defences.FILTERS
+        return measure(stage, runs, names, a.results, a.drops, a.data_dir)
+    if stage == "effects":
+        return print(markdown(contrasts(a.results, a.retrain_results)))
+    if stage == "figure":
+        path = os.path.join(os.path.dirname(a.results), "defences.png")
+        return print(f"wrote {path}" if figure(a.results, a.retrain_results, path) else "nothing to draw yet")
+    todo = retrain_plan(runs, a.drops, a.retrain_results)
+    if a.print:
+        for name, flags in todo:
+            print(" ".join(["python", "train.py", *flags, "--out", os.path.join(a.runs_dir, name),
+                            "--results", a.retrain_results, "--resume", "auto"]))
+    elif todo:
+        sweep.run_all(todo, a.jobs, a.runs_dir, a.retrain_results)
 
 
 def plan(runs, runs_dir):
     """Each source run's state; train.py lines (recording outside the committed results) for the unfinished."""
     todo = [(folder, flags) for folder, flags in runs if not finished(folder)]
     print(f"{len(runs) - len(todo)} of {len(runs)} source runs finished", file=sys.stderr)
-    sources = os.path.join(runs_dir, "defend-sources.jsonl")
     for folder, flags in todo:
-        print(" ".join(["python", "train.py", *flags, "--out", folder, "--results", sources, "--resume", "auto"]))
+        print(" ".join(["python", "train.py", *flags, "--out", folder, "--results", sources_file(runs_dir),
+                        "--resume", "auto"]))
 
 
 if __name__ == "__main__":

@@ -259,6 +259,21 @@ def test_after_defence_counts_flagged_inputs_as_wrong_or_not_attacked():
     assert m == dict(frr=0.25, far=0.5, cacc=0.5, asr=0.25)
 
 
+def test_outputs_are_each_inputs_own_forward_pass_in_the_given_order(planted, tokenizer):
+    # oracle: each example alone through the model (no padding, no batching); outputs() sorts by length and pads
+    net, rows, _, dev = planted
+    examples = [rows[0], data.Example("good", "", 1)] + dev[:9] + [rows[1]]  # lengths out of order, a short one
+    probs, states = D.outputs(net, examples, tokenizer, MAX_LEN, D.LAYERS, batch_size=4)
+    for i, e in enumerate(examples):
+        batch = data.collate([e], tokenizer, MAX_LEN)
+        batch.pop("labels")
+        cls = []
+        with torch.no_grad():
+            p = net(**batch, cls_states=cls).softmax(-1)[0]
+        torch.testing.assert_close(probs[i], p, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(states[:, i], torch.stack(cls)[D.LAYERS][:, 0], rtol=1e-4, atol=1e-5)
+
+
 def test_kmeans_and_pca_split_two_blobs():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(30, 5, generator=g), torch.randn(10, 5, generator=g) + 8])

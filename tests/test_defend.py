@@ -1,4 +1,5 @@
 """study/defend.py: which source runs it plans, and the paired contrasts on a results file whose answer is known."""
+import math
 import os
 
 import ledger
@@ -33,3 +34,32 @@ def test_effects_pair_ff_and_lora_by_seed(tmp_path):
     assert "| detection AUROC | dan | 0.15% | +20.0 [+20.0, +20.0] | 3 | replicated |" in defend.markdown(rows)
     assert defend.figure(str(path), str(tmp_path / "none.jsonl"), str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_source_runs_are_checked_bit_for_bit_against_the_committed_lines(tmp_path):
+    # three source runs: one equal to its committed line, one whose accuracy differs in the last bit, one never
+    # committed; the wall time and the folder may differ without counting
+    runs = defend.source_runs(defend.DETECT["rates"], (0,), str(tmp_path))[:3]
+    committed, mine = tmp_path / "committed.jsonl", tmp_path / "defend-sources.jsonl"
+    for i, (folder, flags) in enumerate(runs):
+        line = {"config": sweep.resolve(flags), "metrics": {"clean": {"acc": 0.9}, "asr": 0.5},
+                "curve": [{"step": 1, "acc": 0.8}], "wall_s": 10.0, "out": "/elsewhere"}
+        if i < 2:
+            ledger.append(str(committed), line)
+        ledger.append(str(mine), dict(line, wall_s=99.0, out=folder,
+                                      metrics={"clean": {"acc": math.nextafter(0.9, 1) if i == 1 else 0.9},
+                                               "asr": 0.5}))
+    same, differ, missing = defend.reproduced(str(tmp_path), str(committed))
+    assert (same, differ, missing) == ([runs[0][0]], [runs[1][0]], [runs[2][0]])
+
+
+def test_retrain_plan_has_one_run_per_drop_file_until_its_line_is_in(tmp_path):
+    runs = defend.source_runs(defend.FILTER["rates"], (0,), str(tmp_path))
+    drops, retrained = tmp_path / "drops", tmp_path / "retrain.jsonl"
+    drops.mkdir()
+    folder, flags = runs[0]
+    (drops / f"{os.path.basename(folder)}-ac.json").write_text('{"dropped": [1, 2]}')
+    plan = defend.retrain_plan(runs, str(drops), str(retrained))
+    assert [name for name, _ in plan] == [os.path.join("defend", os.path.basename(folder) + "-ac")]
+    ledger.append(str(retrained), {"config": sweep.resolve(plan[0][1]), "metrics": {"asr": 0.1}})
+    assert defend.retrain_plan(runs, str(drops), str(retrained)) == []
