@@ -38,7 +38,7 @@ from study import ROOT
 # them SST-2 over three epochs (`3ep`, delay or limit) and Tab. E.1's four backdoors (`e1`), issue 24. A stage
 # listed twice runs only the seeds its first listing did not.
 CONV_STAGES = ((("calib",), 1), (("cola-calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola",), 3),
-               (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs",), 3), (("3ep",), 3),
+               (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs-f1",), 3), (("pairs",), 3), (("3ep",), 3),
                (("e1",), 5), (("pairs",), 5))
 PAIR_TASKS = ("qnli", "qqp")
 PROTOCOLS = {
@@ -179,6 +179,8 @@ def conv_task_grid(figure, task, p):
     conds = [[], attack_flags("upa", p["upa_rate"])] + [bpa(r) for r in p["bpa_rates"]]
     if figure in ("f12", "cola", "pairs"):
         return [m + c for c in conds for m in (lora, ff)]
+    if figure == "pairs-f1":  # the pair grid's clean and UPA cells, run first: F1's answer with half the runs
+        return [m + c for c in conds[:2] for m in (lora, ff)]
     if figure == "bf16":  # clean, UPA 0.3, BPA 0.15% (the protocol adds --dtype bf16)
         return [m + c for c in conds[:3] for m in (lora, ff)]
     if figure == "3ep":  # clean, BPA 0.15%, UPA 0.3
@@ -235,7 +237,10 @@ def run_name(figure, flags, seed):
         parts += [f"r{f.get('rank')}" + ("rs" if "--rslora" in flags else ""), f.get("init", "ku")[:2],
                   f"k{f.get('init-scale', '0.333')}"]
     parts += [f"{f['attack']}{f['poison-rate']}" if "attack" in f else "clean", f"s{seed}"]
-    return os.path.join(figure, "-".join(parts))
+    return os.path.join(FOLDERS.get(figure, figure), "-".join(parts))
+
+
+FOLDERS = {"pairs-f1": "pairs"}  # a figure that is part of another keeps its runs in the other's folder
 
 
 def main(argv=None):

@@ -137,7 +137,7 @@ def test_spectrum_correlations_over_runs_and_over_seed_averaged_cells(tmp_path):
 
 
 def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatch):
-    """Issue 23/24's order: pair tasks seeds 0-2, then three epochs (seeds 0-2), then E.1 (seeds 0-4), then the pair
+    """Issue 23/24's order: pair tasks seeds 0-2 (their clean and UPA cells first, for F1), then three epochs (seeds 0-2), then E.1 (seeds 0-4), then the pair
     tasks' seeds 3-4; three epochs = 12,628 steps with 16 evaluations; E.1 = 4 attacks x 2 rates x 2 modes."""
     stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
     monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
@@ -149,6 +149,8 @@ def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatc
     order = [stage(ln) for ln in lines]
     assert order == ["pairs"] * 48 + ["3ep"] * 18 + ["e1"] * 80 + ["pairs"] * 32
     assert {seed(ln) for ln in lines[:48]} == {0, 1, 2} and {seed(ln) for ln in lines[-32:]} == {3, 4}
+    assert not any("--attack" in ln and "--attack upa" not in ln for ln in lines[:24])  # clean and UPA, 3 seeds
+    assert sum("--attack upa" in ln for ln in lines[:24]) == 12 and all("--attack bpa" in ln for ln in lines[24:48])
     for ln in lines[48:66]:
         assert "--steps 12628 --eval-every 789" in ln and "--attack mt" not in ln
     e1 = lines[66:146]
