@@ -13,8 +13,9 @@ set) and `test` (where it is measured, with the test third's non-target rows tri
   strip  STRIP: Gao, Xu, Wang, Chen, Ranasinghe, Nepal, "STRIP: A Defence Against Trojan Attacks on Deep Neural
          Networks", ACSAC 2019; its text version in Gao et al., "Design and Evaluation of a Multi-Domain Trojan
          Detection Method on Deep Neural Networks", IEEE TDSC 2021.
-         N copies of the input (default 20), each with half its words (space-separated, text_a) swapped, at
-         distinct positions, for random words of one random clean fit sample; the input's score is the mean over
+         N copies of the input (default 20), each with half its words (space-separated, text_a; round(n / 2),
+         halves to even, at least 1) swapped, at distinct positions, for random words of one random clean fit
+         sample (the draws seeded by `seed`, afresh for each set of inputs scored); the input's score is the mean over
          ITS OWN copies of the entropy -sum_c p_c log2 p_c of the prediction. A trigger that survives the swaps
          keeps the prediction sure: low entropy = suspicious (score = -entropy). (OpenBackdoor's STRIP swaps in
          the donor's highest-TF-IDF words and reshapes its (input x copy) entropies copy-major, mixing inputs.)
@@ -25,14 +26,18 @@ set) and `test` (where it is measured, with the test third's non-target rows tri
          stays small. Score = -Delta for inputs predicted as the target; inputs predicted otherwise are not
          attacked and get -2, below every -Delta (RAP only examines inputs predicted as the protected label).
          The loss is the RAP repository's: mean relu(d + 0.1) + mean relu(-d - 0.3), d = p_T(cf + x) - p_T(x),
-         5 epochs; we step with Adam (lr 0.01) where the repository takes plain gradient steps and keeps the
-         embedding's norm.
+         5 epochs; we step with Adam (lr 0.01) where the repository takes plain gradient steps (never zeroing
+         them) and keeps the embedding's norm. Our FRR and FAR count every clean and every triggered test input;
+         RAP's own evaluation counts only those with p_T > 0.5, so our "FRR 1%" flags about 2% of the clean inputs
+         RAP examines, and a triggered input the attack fails on counts as accepted (the same definition for every
+         detector here, as pre-registered; not comparable with RAP's own numbers).
   dan    DAN: Chen, Yang, Zhang, Bi, Sun, "Expose Backdoors on the Way: A Feature-Based Efficient Defense against
          Textual Backdoor Attacks", Findings of EMNLP 2022. Per layer l = 1..L, class-conditional Gaussians with a
          shared covariance are fitted to the clean samples' [CLS] states; s_l(x) = min_k (h_l - mu_k)^T S^-1
          (h_l - mu_k), the Mahalanobis distance to the nearest class, with S shrunk towards (tr S / d) I by 0.1
          (as the authors' code does, with scikit-learn's ShrunkCovariance default); each layer's s_l is
-         standardised by its mean and std, and the score is the mean over layers (the authors' README runs
+         standardised by its mean and std (n - 1; theirs n: the same factor on every layer, no ranking
+         changes), and the score is the mean over layers (the authors' README runs
          `--std --agg mean`; their `min` option is the maximum of the standardised distances). (The embeddings'
          [CLS] is the same for every input and is left out.) Where we differ: their code standardises on a
          held-out fifth of the clean data, we on the fit set itself; they pool tokens by default, we read [CLS].
@@ -41,23 +46,25 @@ Training-data filters. Each ranks the training rows, using the model trained on 
 drops the suspects; retraining on the rest is train.py --drop-rows FILE.
   spectral  Spectral signatures: Tran, Li, Madry, "Spectral Signatures in Backdoor Attacks", NeurIPS 2018
          (Algorithm 1). Per label y, the last layer's [CLS] states R_y are centred; the score of a row is the square
-         of its projection on the top right singular vector of the centred R_y; from each label the 1.5 * eps
-         rows with the highest scores are dropped, eps = the expected number of poisoned rows (the paper's upper
+         of its projection on the top right singular vector of the centred R_y; from each label the ceil(1.5 *
+         eps) rows with the highest scores are dropped, eps = the expected number of poisoned rows (the paper's upper
          bound; we pass the attack's own count, round(rate * N)).
   ac     Activation clustering: Chen, Carvalho, Baracaldo, Ludwig, Edwards, Lee, Molloy, Srivastava, "Detecting
          Backdoor Attacks on Deep Neural Networks by Activation Clustering", SafeAI@AAAI 2019. Per label, the last
          layer's [CLS] states are reduced to 10 dimensions and split by 2-means; the smaller cluster is poison when
          it holds at most 35% of the label's rows (the paper's relative-size analysis, with IBM ART's default
-         threshold). We reduce with PCA where the paper used ICA (torch has no ICA; PCA is the common stand-in).
-         Rank: distance from the centre of the label's larger cluster.
+         threshold; ART rounds the share to 2 decimals and flags below 0.35, which differs only at 34.5-35%). We
+         reduce with PCA where the paper used ICA (torch has no ICA; PCA is the common stand-in). Rank: distance
+         from the centre of the label's larger cluster.
   bki    BKI: Chen, Dai, "Mitigating backdoor attacks in LSTM-based text classification systems by Backdoor Keyword
          Identification", Neurocomputing 2021. The importance of word i of a row is ||h(x) - h(x without word
          i)||_inf, h = the last layer's [CLS] state (the paper's first term; its second follows an LSTM's state word
-         by word and has no BERT counterpart; OpenBackdoor's BKI for BERT uses this one term too). Each row's 5
-         most important words enter a dictionary; a word's score is mean importance x log10(number of rows it was
-         among the top 5 of); the top word is the trigger, and every row containing it (as a space-separated
-         word of text_a) is dropped, as the paper removes the samples holding the keyword (OpenBackdoor drops
-         only the rows where it was among the top 5).
+         by word and has no BERT counterpart; OpenBackdoor's BKI for BERT uses this one term too). The words at each
+         row's 5 most important positions enter a dictionary, each word once per row (at its highest importance;
+         OpenBackdoor counts positions, so a word repeated in a sentence counts twice); a word's score is mean
+         importance x log10(number of rows it was among the top 5 of); the top word is the trigger, and every row
+         containing it (as a space-separated word of text_a) is dropped, as the paper removes the samples holding
+         the keyword (OpenBackdoor drops only the rows where it was among the top 5).
 
 ONION (Qi, Chen, Li, Yao, Liu, Sun, "ONION: A Simple and Effective Defense Against Textual Backdoor Attacks", EMNLP
 2021) is left out: it removes the words whose deletion lowers a language model's (GPT-2's) perplexity most, and no
@@ -305,7 +312,8 @@ def _average_ranks(x):
 def threshold(calib, frr):
     """The (floor(frr * n) + 1)-th largest clean calibration score: flagging score > it flags at most frr of them."""
     ordered = torch.as_tensor(calib, dtype=torch.float64).sort(descending=True).values
-    return float(ordered[min(int(math.floor(frr * len(ordered))), len(ordered) - 1)])
+    k = math.floor(frr * len(ordered) + 1e-9)  # + 1e-9: 0.29 * 100 is 28.999... in floating point, and means 29
+    return float(ordered[min(k, len(ordered) - 1)])
 
 
 def after_defence(flag_clean, right_clean, flag_trig, hit_trig):
@@ -424,9 +432,10 @@ def without_each_word(example):
     return [data.Example(" ".join(words[:i] + words[i + 1:]), example.text_b, example.label) for i in range(len(words))]
 
 
-def bki_keyword(net, tokenizer, examples, max_len, top=BKI_TOP):
+def bki_keyword(net, tokenizer, examples, max_len, top_k=BKI_TOP):
     """(the suspected trigger word, {word: score}): importance ||h(x) - h(x minus word i)||_inf of the last layer's
-    [CLS]; each row's `top` most important words; score = mean importance x log10(rows the word was top in)."""
+    [CLS]; each row's `top_k` most important word positions, a word counted once per row (at its highest importance);
+    score = mean importance x log10(rows the word was among the top of)."""
     found = defaultdict(list)
     for start in range(0, len(examples), BKI_CHUNK):  # rows and all their variants per call of outputs()
         chunk = examples[start:start + BKI_CHUNK]
@@ -436,8 +445,11 @@ def bki_keyword(net, tokenizer, examples, max_len, top=BKI_TOP):
             words = e.text_a.split(" ")
             importance = (h[at + 1:at + 1 + len(words)] - h[at]).abs().max(1).values
             at += 1 + len(words)
-            for i in importance.argsort(descending=True)[:top].tolist():
-                found[words[i]].append(float(importance[i]))
+            top = {}  # word -> its importance in this row: a word twice among the top positions counts once, at its max
+            for i in importance.argsort(descending=True)[:top_k].tolist():
+                top.setdefault(words[i], float(importance[i]))
+            for word, value in top.items():
+                found[word].append(value)
     scores = {w: sum(v) / len(v) * math.log10(len(v)) for w, v in found.items()}
     return max(scores, key=scores.get), scores
 

@@ -201,6 +201,20 @@ def test_strip_entropy_is_per_input_over_its_own_copies():
     assert scores.tolist() == pytest.approx([-entropy(p_of[k]) for k in lengths])
 
 
+def test_bki_counts_a_word_once_per_row(tokenizer):
+    # a bag-of-words [CLS]: deleting a word moves it by that word's embedding, so importances are known. "good"
+    # (3.0) stands twice in each of 2 rows, "bad" (2.5) once in each of 3: by rows, bad scores 2.5 log10 3 = 1.19
+    # against good's 3.0 log10 2 = 0.90; counting positions would give good 3.0 log10 4 = 1.81 and pick it
+    net = BagOfWords(tokenizer)
+    net.emb.word.weight.data.zero_()
+    net.emb.word.weight.data[tokenizer.tok.token_to_id("good"), 0] = 3.0
+    net.emb.word.weight.data[tokenizer.tok.token_to_id("bad"), 0] = 2.5
+    rows = [data.Example("good the good", "", 1)] * 2 + [data.Example("bad the", "", 0)] * 3
+    keyword, scores = D.bki_keyword(net, tokenizer, rows, MAX_LEN)
+    assert keyword == "bad"
+    assert scores["good"] == pytest.approx(3.0 * math.log10(2)) and scores["bad"] == pytest.approx(2.5 * math.log10(3))
+
+
 def test_strip_copies_swap_the_stated_share_of_words_for_donor_words():
     rng = random.Random(0)
     e = data.Example("a b c d e f g h i j", "x y", 1)
@@ -243,6 +257,11 @@ def test_auroc_on_hand_computed_cases():
     assert D.auroc([1, 1], [1, 1]) == 0.5
     # clean [0, 1], triggered [2, 0]: pairs 2>0, 2>1 count 1 each, 0=0 counts 1/2, 0<1 counts 0: 2.5 of 4
     assert D.auroc([0, 1], [2, 0]) == pytest.approx(2.5 / 4)
+
+
+def test_threshold_at_a_whole_number_of_flags_despite_floating_point():
+    # 0.29 * 100 = 28.999... in floating point: the threshold must still allow 29 flags (the 30th largest score)
+    assert D.threshold(list(range(100)), 0.29) == 70
 
 
 def test_threshold_flags_at_most_the_stated_share_of_calibration_scores():
