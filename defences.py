@@ -93,6 +93,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+from tqdm import tqdm
 
 import attacks
 import cli
@@ -116,26 +117,34 @@ NO_STATES, LAST, LAYERS = slice(0), slice(-1, None), slice(1, None)
 # what the defences read from the model
 
 @torch.no_grad()
-def outputs(net, examples, tokenizer, max_len, layers=slice(None), batch_size=64):
+def outputs(net, examples, tokenizer, max_len, layers=slice(None), batch_size=64, progress=None):
     """(class probabilities (N, C), [CLS] states (len(layers), N, H)) of a list of Examples, with dropout off, in
     the list's order. layers picks among the L + 1 states (embeddings, then each layer): all by default; keeping
     only what a defence reads keeps 67,349 training rows' states in memory at 100 MB instead of 700.
     The examples go through the model shortest first, so each batch pads to about its own length (a batch pads to
-    its longest row; masked padding leaves the other rows' outputs as they are, up to float rounding)."""
+    its longest row; masked padding leaves the other rows' outputs as they are, up to float rounding).
+    progress: a label for a progress bar over the examples (long passes: the training set, STRIP's copies)."""
     was_training = net.training
     net.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].text_a) + len(examples[i].text_b or ""))
     probs, states = [], []
+    bar = _bar(len(order), progress, "input")
     for i in range(0, len(order), batch_size):
         batch = data.collate([examples[j] for j in order[i:i + batch_size]], tokenizer, max_len)
         batch.pop("labels")
         cls = []
         probs.append(net(**batch, cls_states=cls).softmax(-1))
         states.append(torch.stack(cls)[layers])
+        bar.update(len(batch["input_ids"]))
     net.train(was_training)
+    bar.close()
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))  # sorted position of each example
     return torch.cat(probs)[back], torch.cat(states, dim=1)[:, back]
+
+
+def _bar(total, label, unit):
+    return tqdm(total=total, desc=label, unit=unit, disable=label is None, dynamic_ncols=True, leave=False)
 
 
 def dev_split(dev, seed=SPLIT_SEED):
@@ -172,7 +181,7 @@ def strip_scores(examples, donors, probs, n_copies=20, swap_ratio=0.5, seed=0):
 
 
 def strip_detector(net, tokenizer, fit, max_len, target, n_copies=20, swap_ratio=0.5, seed=0):
-    probs = lambda examples: outputs(net, examples, tokenizer, max_len, NO_STATES)[0]
+    probs = lambda examples: outputs(net, examples, tokenizer, max_len, NO_STATES, progress="strip: copies")[0]
     return lambda examples: strip_scores(examples, fit, probs, n_copies, swap_ratio, seed)
 
 
@@ -437,6 +446,7 @@ def bki_keyword(net, tokenizer, examples, max_len, top_k=BKI_TOP):
     [CLS]; each row's `top_k` most important word positions, a word counted once per row (at its highest importance);
     score = mean importance x log10(rows the word was among the top of)."""
     found = defaultdict(list)
+    bar = _bar(len(examples), "bki: rows and their word deletions", "row")
     for start in range(0, len(examples), BKI_CHUNK):  # rows and all their variants per call of outputs()
         chunk = examples[start:start + BKI_CHUNK]
         h = outputs(net, [v for e in chunk for v in [e] + without_each_word(e)], tokenizer, max_len, LAST)[1][0]
@@ -450,6 +460,8 @@ def bki_keyword(net, tokenizer, examples, max_len, top_k=BKI_TOP):
                 top.setdefault(words[i], float(importance[i]))
             for word, value in top.items():
                 found[word].append(value)
+        bar.update(len(chunk))
+    bar.close()
     scores = {w: sum(v) / len(v) * math.log10(len(v)) for w, v in found.items()}
     return max(scores, key=scores.get), scores
 
@@ -467,7 +479,7 @@ def filter_rows(name, net, tokenizer, train_set, poisoned, max_len, expected=0):
     if name == "bki":
         out["keyword"], dropped = bki_filter(net, tokenizer, train_set, max_len)
     else:
-        reps = outputs(net, train_set, tokenizer, max_len, LAST)[1][0]
+        reps = outputs(net, train_set, tokenizer, max_len, LAST, progress=f"{name}: training rows' [CLS]")[1][0]
         labels = [e.label for e in train_set]
         if name == "spectral":
             out["expected"] = expected
