@@ -418,3 +418,24 @@ def test_the_study_driver_appends_one_line_per_run_and_defence_once(tiny_run, tm
     assert [x["metrics"]["defence"] for x in lines] == ["dan", "bki"]
     with open(lines[1]["drop_rows"]) as f:
         assert runspec.read_drop_rows(f.name, 120) == sorted(json.load(f)["dropped"])
+
+
+def test_the_study_drivers_all_measures_then_retrains_each_filtered_set(tiny_run, tmp_path, monkeypatch, capsys):
+    # `all` on one finished source run (standing in for the conv BPA runs): every detector and filter once, then one
+    # retraining per filter's drop file through the sweep's runner (stubbed: the training itself is train.py's)
+    from study import defend, sweep
+    root, flags = tiny_run
+    monkeypatch.setattr(defend, "source_runs", lambda rates, seeds, runs_dir: [(str(root / "run"), flags)])
+    started = []
+    monkeypatch.setattr(sweep, "run_all", lambda todo, jobs, runs_dir, results: started.append((todo, jobs, results)))
+    out = tmp_path / "out"
+    argv = ["all", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"), "--results", str(out / "d.jsonl"),
+            "--drops", str(out / "drops"), "--retrain-results", str(out / "r.jsonl"), "--committed", str(root / "r.jsonl")]
+    defend.main(argv)
+    lines = [json.loads(x) for x in (out / "d.jsonl").read_text().splitlines()]
+    assert [x["metrics"]["defence"] for x in lines] == [*D.DETECTORS, *D.FILTERS]
+    [(todo, jobs, results)] = started  # the source run was finished: only the retraining reached the runner
+    assert jobs == 2 and results == str(out / "r.jsonl")
+    assert [name for name, _ in todo] == [os.path.join("defend", f"run-{f}") for f in D.FILTERS]
+    assert all(f[f.index("--drop-rows") + 1] == x["drop_rows"] for (_, f), x in zip(todo, lines[len(D.DETECTORS):]))
+    assert "sources: 1 finished" in capsys.readouterr().err and (out / "defences.png").is_file()
