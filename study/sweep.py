@@ -343,19 +343,24 @@ def estimate(pending, finished, jobs):
             for key in speed_keys(c):
                 seconds, steps = per_key.get(key, (0.0, 0))
                 per_key[key] = (seconds + r["wall_s"], steps + c["steps"])
-    figures = {}
+    groups = []  # consecutive pending runs of one figure folder, in run order: [(folder, [cost or None])]
     for name, flags in pending:
         c = resolve(flags)
         known = [per_key[k] for k in speed_keys(c) if k in per_key]
         cost = c["steps"] * known[0][0] / known[0][1] if known else None
-        figures.setdefault(name.split(os.sep)[0], []).append(cost)
-    lines = [f"estimated from {len(finished)} finished runs' seconds per step (task, mode; LoRA also rank and init):"]
+        folder = name.split(os.sep)[0]
+        if not groups or groups[-1][0] != folder:
+            groups.append((folder, []))
+        groups[-1][1].append(cost)
+    lines = [f"estimated from {len(finished)} finished runs' seconds per step (task, mode; LoRA also rank and init), "
+             f"in run order, with when each part would be in at --jobs {jobs}:"]
     total = 0.0
-    for figure, costs in figures.items():
+    for figure, costs in groups:
         known = [c for c in costs if c is not None]
         total += sum(known)
-        lines.append(f"  {figure:<12} {len(costs):>4} runs {sum(known):>10,.0f} run-s"
-                     + (f" ({len(costs) - len(known)} with no finished run to go by)" if len(known) < len(costs) else ""))
+        lines.append(f"  {figure:<12} {len(costs):>4} runs {sum(known):>10,.0f} run-s, in after about "
+                     f"{total / jobs / 3600:.1f} h" + (f" ({len(costs) - len(known)} with no finished run to go by)"
+                                                      if len(known) < len(costs) else ""))
     lines.append(f"  {'total':<12} {len(pending):>4} runs {total:>10,.0f} run-s: about "
                  f"{total / jobs / 3600:.1f} h of wall time at --jobs {jobs}")
     return lines

@@ -93,11 +93,13 @@ def test_estimate_by_hand(stub_glue):
     pending = [("f3/a", flags("sst2", "lora", 300, "--rank", "8")),  # rank 8's own speed: 150 s
                ("f3/b", flags("sst2", "lora", 300, "--rank", "4")),  # no rank-4 run: LoRA's overall, 250 s
                ("f12/c", flags("sst2", "ff", 300)),  # 300 s
-               ("f12/d", flags("sst2", "ff", 300, "--attack", "upa", "--poison-rate", "0.3"))]  # 300 s
+               ("f12/d", flags("sst2", "ff", 300, "--attack", "upa", "--poison-rate", "0.3")),  # 300 s
+               ("f3/e", flags("sst2", "ff", 3600))]  # 3,600 s; f3 again, after f12: a part of its own
     lines = sweep.estimate(pending, finished, jobs=2)
-    assert lines[1].split() == ["f3", "2", "runs", "400", "run-s"]
-    assert lines[2].split() == ["f12", "2", "runs", "600", "run-s"]
-    assert lines[3].endswith("1,000 run-s: about 0.1 h of wall time at --jobs 2")  # 1000 / 2 / 3600 = 0.14
+    assert lines[1].split() == ["f3", "2", "runs", "400", "run-s,", "in", "after", "about", "0.1", "h"]  # 400/2/3600
+    assert lines[2].split() == ["f12", "2", "runs", "600", "run-s,", "in", "after", "about", "0.1", "h"]
+    assert lines[3].split() == ["f3", "1", "runs", "3,600", "run-s,", "in", "after", "about", "0.6", "h"]  # 4,600/2
+    assert lines[4].endswith("4,600 run-s: about 0.6 h of wall time at --jobs 2")
     assert "no finished run to go by" in sweep.estimate(pending, [], jobs=1)[1]
 
 
