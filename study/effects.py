@@ -118,12 +118,8 @@ def _paired(arms, value):
 def effects(runs):
     """Every measurable finding in these runs, one row per (finding, task, condition)."""
     rows = []
-    by_context = defaultdict(list)
-    for r in runs:
-        by_context[context(r["config"])].append(r)
-    budget = {task: Counter(r["config"]["steps"] for r in runs if r["config"]["task"] == task).most_common(1)[0][0]
-              for task in {r["config"]["task"] for r in runs}}
-    for group in by_context.values():
+    budget = _budgets(runs)
+    for group in _groups(runs):
         task, steps = group[0]["config"]["task"], group[0]["config"]["steps"]
         found = _f1(group, task) + _f2(group, task) + _sweep(group, task, "F3") + _sweep(group, task, "F4")
         found = [r for r in found + _zoo(group, task) if r is not None]
@@ -132,6 +128,25 @@ def effects(runs):
                 r["condition"] += f", {steps:,} steps"
         rows += found
     return rows
+
+
+def _groups(runs):
+    """The runs grouped by context (the runs of one group can be paired)."""
+    by_context = defaultdict(list)
+    for r in runs:
+        by_context[context(r["config"])].append(r)
+    return list(by_context.values())
+
+
+def _budgets(runs):
+    """{task: the step count most of its runs have}: the grid's budget."""
+    return {task: Counter(r["config"]["steps"] for r in runs if r["config"]["task"] == task).most_common(1)[0][0]
+            for task in {r["config"]["task"] for r in runs}}
+
+
+def _budget_groups(runs):
+    budget = _budgets(runs)
+    return [g for g in _groups(runs) if g[0]["config"]["steps"] == budget[g[0]["config"]["task"]]]
 
 
 def _rates(group, attack):
@@ -455,6 +470,53 @@ def draw_zoo(measured, targets, predictors, path):
 
 # -----------------------------------------------------------------------------
 # output
+
+# -----------------------------------------------------------------------------
+# the saturation follow-ups (results/REPORT.md, stated before the runs they judge): a backdoor whose every run, FF
+# and LoRA r8 at both of the paper's rates, sits at the ceiling (or, for Tab. E.1's attacks, below FLOOR) gets one
+# more rate, labelled follow-up; judged once seeds 0-2 of all four arms are in
+
+FLOOR = 10.0
+FOLLOW_UP_RATE = {"ceiling": 0.0005, "floor": 0.015}
+FOLLOW_UP_RULES = {**{("bpa", task): ("ceiling",) for task in ("qnli", "qqp")},
+                   **{(attack, "sst2"): ("ceiling", "floor") for attack in ("clbpa", "ilbpa", "mt", "sbpa")}}
+PAPER_RATES = (0.0015, 0.0045)
+
+
+def follow_ups(runs):
+    """(task, backdoor, 'ceiling' or 'floor', the rate to add, seeds judged) for each rule these runs trigger, at
+    each task's step budget (the grid's, not the three-epoch runs')."""
+    out = []
+    for group in _budget_groups(runs):
+        task = group[0]["config"]["task"]
+        for (attack, t), kinds in FOLLOW_UP_RULES.items():
+            if t != task:
+                continue
+            arms = [pick(group, **arm, attack=attack, poison_rate=rate) for rate in PAPER_RATES
+                    for arm in (dict(mode="ff"), BASELINE)]
+            if min(len(a) for a in arms) < 3:
+                continue
+            values = [asr(r) for a in arms for r in a.values()]
+            for kind in kinds:
+                if all(v >= CEILING for v in values) if kind == "ceiling" else all(v < FLOOR for v in values):
+                    out.append((task, BACKDOORS[attack], kind, FOLLOW_UP_RATE[kind], min(len(a) for a in arms)))
+    return out
+
+
+def follow_ups_apply(runs):
+    """Whether any of these runs is a cell a follow-up rule judges (so the report says what the rules found)."""
+    return any((r["config"]["attack"], r["config"]["task"]) in FOLLOW_UP_RULES and
+               any(_same(r["config"]["poison_rate"], rate) for rate in PAPER_RATES) for r in runs)
+
+
+def follow_ups_markdown(found):
+    if not found:
+        return ("Saturation follow-ups the stated rules call for: none so far (each is judged once seeds 0-2 of FF "
+                "and LoRA r8 at both BPA rates are in).")
+    return "Saturation follow-ups the stated rules call for:\n\n" + "\n".join(
+        f"- {task}, {name}: every run {'at >= %g' % CEILING if kind == 'ceiling' else 'below %g' % FLOOR}% ASR at "
+        f"both rates (n = {n} seeds): add {100 * rate:g}%, labelled follow-up" for task, name, kind, rate, n in found)
+
 
 SATURATED = f" (saturated: every run >= {CEILING:g}% ASR)"
 

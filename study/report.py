@@ -307,7 +307,8 @@ def write_effects(runs, out_dir):
     (calibration runs left out: they repeat the clean settings at other rates and budgets)."""
     rows = effects.effects(runs)
     if rows:
-        write_text(out_dir, "effects.md", EFFECTS_HEAD + effects.markdown(rows))
+        rules = "\n\n" + effects.follow_ups_markdown(effects.follow_ups(runs)) if effects.follow_ups_apply(runs) else ""
+        write_text(out_dir, "effects.md", EFFECTS_HEAD + effects.markdown(rows) + rules)
         print(f"wrote {os.path.join(out_dir, 'effects.md')}")
     if effects.draw_forest(rows, os.path.join(out_dir, "forest.png")):
         write_text(out_dir, "across-tasks.md", ACROSS_HEAD + effects.across_markdown(rows))

@@ -373,3 +373,21 @@ def test_across_tasks_puts_each_tasks_cell_in_its_column(tmp_path):
                                    "+3.5 [-2.9, +9.9], n=2, inconclusive", "not run yet |"]
     assert effects.draw_forest(rows, tmp_path / "forest.png") and (tmp_path / "forest.png").stat().st_size > 0
     assert not effects.draw_forest(effects.effects(upa_runs()), tmp_path / "one.png")  # one task: nothing to set beside
+
+
+def backdoor_grid(task, attack, asr, seeds=3):
+    """FF and LoRA r8 at both of the paper's BPA rates, every run at this ASR."""
+    return [run(s, 0.8, asr=asr, asr_net=asr, task=task, attack=attack, poison_rate=rate, **arm)
+            for s in range(seeds) for rate in (0.0015, 0.0045) for arm in (FF, {})]
+
+
+def test_saturation_follow_ups_follow_the_stated_rules():
+    assert effects.follow_ups(backdoor_grid("qqp", "bpa", 0.95)) == [("qqp", "BPA", "ceiling", 0.0005, 3)]
+    assert effects.follow_ups(backdoor_grid("sst2", "mt", 0.05)) == [("sst2", "MT", "floor", 0.015, 3)]
+    assert effects.follow_ups(backdoor_grid("qnli", "bpa", 0.05)) == []  # the pair tasks' rule has no floor
+    assert effects.follow_ups(backdoor_grid("cola", "bpa", 0.95)) == []  # CoLA's grid stated no follow-up
+    assert effects.follow_ups(backdoor_grid("qqp", "bpa", 0.95, seeds=2)) == []  # judged from seeds 0-2 on
+    one_below = backdoor_grid("qqp", "bpa", 0.95)
+    one_below[5]["metrics"]["asr"] = 0.89
+    assert effects.follow_ups(one_below) == []
+    assert "add 0.05%, labelled follow-up" in effects.follow_ups_markdown(effects.follow_ups(backdoor_grid("qqp", "bpa", 0.95)))
