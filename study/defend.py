@@ -67,7 +67,7 @@ def measure(stage, runs, names, results, drops, data_dir):
     seen = done(results)
     for folder, _ in runs:
         if not finished(folder):
-            print(f"skipped (not finished; see `python -m study.defend plan`): {folder}", file=sys.stderr)
+            print(f"skipped (not finished; `python -m study.defend sources` trains it): {folder}", file=sys.stderr)
             continue
         for name in names:
             if (runspec.run_key(_config(folder)), name) in seen:
@@ -94,8 +94,9 @@ def retrain_plan(runs, drops, retrained):
     for folder, flags in runs:
         for name in defences.FILTERS:
             path = drop_file(drops, folder, name)
-            if os.path.isfile(path) and runspec.run_key(sweep.resolve(flags + ["--drop-rows", path])) not in done:
-                plan.append((os.path.join("defend", f"{os.path.basename(folder)}-{name}"), flags + ["--drop-rows", path]))
+            retrain = flags + ["--drop-rows", path]
+            if os.path.isfile(path) and runspec.run_key(sweep.resolve(retrain)) not in done:
+                plan.append((os.path.join("defend", f"{os.path.basename(folder)}-{name}"), retrain))
     return plan
 
 
