@@ -138,8 +138,7 @@ def outputs(net, examples, tokenizer, max_len, layers=slice(None), batch_size=64
         bar.update(len(batch["input_ids"]))
     net.train(was_training)
     bar.close()
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))  # sorted position of each example
+    back = torch.tensor(order, dtype=torch.long).argsort()  # the sorted position of each example
     return torch.cat(probs)[back], torch.cat(states, dim=1)[:, back]
 
 

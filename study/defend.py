@@ -89,7 +89,7 @@ def _config(folder):
 def retrain_plan(runs, drops, retrained):
     """(folder name under the runs folder, train.py flags) of each filtered retraining not yet in `retrained`: the
     source run's flags plus --drop-rows."""
-    done = {runspec.run_key(r["config"]) for r in (ledger.runs(retrained) if os.path.isfile(retrained) else [])}
+    done = {runspec.run_key(r["config"]) for r in sweep.finished_runs(retrained)}
     plan = []
     for folder, flags in runs:
         for name in defences.FILTERS:
@@ -104,18 +104,22 @@ def sources_file(runs_dir):
     return os.path.join(runs_dir, "defend-sources.jsonl")
 
 
-def unfinished(runs, runs_dir):
-    """(folder name under the runs folder, train.py flags) of the source runs without their final metrics."""
-    return [(os.path.relpath(folder, runs_dir), flags) for folder, flags in runs if not finished(folder)]
+def unfinished(runs):
+    """The (run folder, train.py flags) of the source runs without their final metrics."""
+    return [(folder, flags) for folder, flags in runs if not finished(folder)]
+
+
+def command(flags, out, results):
+    """The train.py line of one run, as plan and retrain --print show it."""
+    return " ".join(["python", "train.py", *flags, "--out", out, "--results", results, "--resume", "auto"])
 
 
 def reproduced(runs_dir, committed):
     """(same, differ, missing): the source runs' results lines against results/conv's committed lines of the same
     run key. "same" means equal final metrics and curve, to the last bit (the wall time and paths may differ)."""
-    mine = ledger.runs(sources_file(runs_dir)) if os.path.isfile(sources_file(runs_dir)) else []
-    theirs = {runspec.run_key(r["config"]): r for r in (ledger.runs(committed) if os.path.isfile(committed) else [])}
+    theirs = {runspec.run_key(r["config"]): r for r in sweep.finished_runs(committed)}
     same, differ, missing = [], [], []
-    for r in mine:
+    for r in sweep.finished_runs(sources_file(runs_dir)):
         other = theirs.get(runspec.run_key(r["config"]))
         which = missing if other is None else same if (r["metrics"], r.get("curve")) == \
             (other["metrics"], other.get("curve")) else differ
@@ -133,8 +137,7 @@ def contrasts(results, retrained):
     for r in lines:
         c = r["config"]
         by[(r["metrics"]["defence"], c["poison_rate"], c["mode"], c["seed"])] = r["metrics"]
-    after = {_retrained_of(r["config"]): r["metrics"] for r in (ledger.runs(retrained) if os.path.isfile(retrained)
-                                                                 else [])}
+    after = {_retrained_of(r["config"]): r["metrics"] for r in sweep.finished_runs(retrained)}
     rows = []
     for name in defences.DETECTORS:
         for rate in DETECT["rates"]:
@@ -170,8 +173,7 @@ def figure(results, retrained, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     lines = ledger.read(results) if os.path.isfile(results) else []
-    after = {_retrained_of(r["config"]): r["metrics"]["asr"]
-             for r in (ledger.runs(retrained) if os.path.isfile(retrained) else [])}
+    after = {_retrained_of(r["config"]): r["metrics"]["asr"] for r in sweep.finished_runs(retrained)}
     bars = {}  # (defence, rate) -> {(mode, when): [ASR per seed]}
     for r in lines:
         c, m = r["config"], r["metrics"]
@@ -268,7 +270,7 @@ def run_stage(stage, a):
     if stage == "plan":
         return plan(runs, a.runs_dir)
     if stage == "sources":
-        todo = unfinished(runs, a.runs_dir)
+        todo = [(os.path.relpath(folder, a.runs_dir), flags) for folder, flags in unfinished(runs)]
         if todo:
             sweep.run_all(todo, a.jobs, a.runs_dir, sources_file(a.runs_dir))
         same, differ, missing = reproduced(a.runs_dir, a.committed)
@@ -287,19 +289,17 @@ def run_stage(stage, a):
     todo = retrain_plan(runs, a.drops, a.retrain_results)
     if a.print:
         for name, flags in todo:
-            print(" ".join(["python", "train.py", *flags, "--out", os.path.join(a.runs_dir, name),
-                            "--results", a.retrain_results, "--resume", "auto"]))
+            print(command(flags, os.path.join(a.runs_dir, name), a.retrain_results))
     elif todo:
         sweep.run_all(todo, a.jobs, a.runs_dir, a.retrain_results)
 
 
 def plan(runs, runs_dir):
     """Each source run's state; train.py lines (recording outside the committed results) for the unfinished."""
-    todo = [(folder, flags) for folder, flags in runs if not finished(folder)]
+    todo = unfinished(runs)
     print(f"{len(runs) - len(todo)} of {len(runs)} source runs finished", file=sys.stderr)
     for folder, flags in todo:
-        print(" ".join(["python", "train.py", *flags, "--out", folder, "--results", sources_file(runs_dir),
-                        "--resume", "auto"]))
+        print(command(flags, folder, sources_file(runs_dir)))
 
 
 if __name__ == "__main__":

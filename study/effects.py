@@ -24,7 +24,7 @@ import textwrap
 from collections import Counter, defaultdict
 
 import runspec
-from study import stats
+from study import stats, sweep
 
 ARM_FIELDS = ("mode", "lr", *runspec.LORA_ONLY, "attack", "poison_rate", "poison_pool", "trigger", "target_label", "seed")
 BASELINE = dict(mode="lora", rank=8, alpha=16.0, rslora=False, init="kaiming_uniform", init_scale=1 / 3)
@@ -469,9 +469,6 @@ def draw_zoo(measured, targets, predictors, path):
 
 
 # -----------------------------------------------------------------------------
-# output
-
-# -----------------------------------------------------------------------------
 # the saturation follow-ups (results/REPORT.md, stated before the runs they judge): a backdoor whose every run, FF
 # and LoRA r8 at both of the paper's rates, sits at the ceiling (or, for Tab. E.1's attacks, below FLOOR) gets one
 # more rate, labelled follow-up; judged once seeds 0-2 of all four arms are in
@@ -480,7 +477,7 @@ FLOOR = 10.0
 FOLLOW_UP_RATE = {"ceiling": 0.0005, "floor": 0.015}
 FOLLOW_UP_RULES = {**{("bpa", task): ("ceiling",) for task in ("qnli", "qqp")},
                    **{(attack, "sst2"): ("ceiling", "floor") for attack in ("clbpa", "ilbpa", "mt", "sbpa")}}
-PAPER_RATES = (0.0015, 0.0045)
+PAPER_RATES = sweep.PROTOCOLS["conv"]["bpa_rates"]  # the paper's lowest and highest BPA rates
 
 
 def follow_ups(runs):
@@ -494,12 +491,10 @@ def follow_ups(runs):
                 continue
             arms = [pick(group, **arm, attack=attack, poison_rate=rate) for rate in PAPER_RATES
                     for arm in (dict(mode="ff"), BASELINE)]
-            if min(len(a) for a in arms) < 3:
-                continue
+            n = min(len(a) for a in arms)
             values = [asr(r) for a in arms for r in a.values()]
-            for kind in kinds:
-                if all(v >= CEILING for v in values) if kind == "ceiling" else all(v < FLOOR for v in values):
-                    out.append((task, BACKDOORS[attack], kind, FOLLOW_UP_RATE[kind], min(len(a) for a in arms)))
+            at = {"ceiling": all(v >= CEILING for v in values), "floor": all(v < FLOOR for v in values)}
+            out += [(task, BACKDOORS[attack], kind, FOLLOW_UP_RATE[kind], n) for kind in kinds if n >= 3 and at[kind]]
     return out
 
 
@@ -517,6 +512,9 @@ def follow_ups_markdown(found):
         f"- {task}, {name}: every run {'at >= %g' % CEILING if kind == 'ceiling' else 'below %g' % FLOOR}% ASR at "
         f"both rates (n = {n} seeds): add {100 * rate:g}%, labelled follow-up" for task, name, kind, rate, n in found)
 
+
+# -----------------------------------------------------------------------------
+# output
 
 SATURATED = f" (saturated: every run >= {CEILING:g}% ASR)"
 

@@ -38,8 +38,8 @@ from study import ROOT
 # them SST-2 over three epochs (`3ep`, delay or limit) and Tab. E.1's four backdoors (`e1`), issue 24. A stage
 # listed twice runs only the seeds its first listing did not.
 CONV_STAGES = ((("calib",), 1), (("cola-calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola",), 3),
-               (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs-f1",), 3), (("pairs",), 3), (("3ep",), 3),
-               (("e1",), 5), (("pairs",), 5))
+               (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs-f1",), 3), (("pairs",), 3),
+               (("3ep",), 3), (("e1",), 5), (("pairs",), 5))
 PAIR_TASKS = ("qnli", "qqp")
 PROTOCOLS = {
     "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
