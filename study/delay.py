@@ -8,26 +8,30 @@ after three epochs, or a limit? From the runs of one results JSONL: the three-ep
 
 Pre-registered, per mode: the samples and poisoned samples seen when the net ASR first reaches 50% and 80%; raw and
 net ASR at the budget and at the end, FF - LoRA paired by seed at both; the clean gap; the UPA drop at both points.
-The verdict on d = net ASR(FF) - net ASR(LoRA) at the end, its 95% t-interval: delay if the upper end is below 10
-points, limit if the lower end is above 10, inconclusive otherwise.
+The verdict on d = net ASR(FF) - net ASR(LoRA) at the end, its 95% t-interval: delay if it lies within +-10 points,
+limit if its lower end is above 10, opposite if its upper end is below -10, inconclusive otherwise (amended
+2026-12-01, before any three-epoch run: the first text read "delay if the upper end is below 10", which also called
+a LoRA that ends far more backdoored than FF a delay).
 """
 import math
 from collections import Counter
 
 import runspec
-from study import effects, stats
+from study import calibrate, effects, stats
 
 MARGIN = 10.0  # points: "within 10 points of FF's"
 THRESHOLDS = (50, 80)  # net ASR (%) whose first crossing is reported
 BPA = dict(attack="bpa", poison_rate=0.0015)
 UPA = dict(attack="upa", poison_rate=0.3)
 CLEAN = dict(attack="none")
+MODES = ("ff", "lora")
 
 
 def long_runs(runs):
-    """(three-epoch runs, the grid's runs they extend): SST-2 runs longer than the task's usual budget, and the runs
-    that share everything with them but the length and the evaluation spacing."""
-    sst2 = [r for r in runs if r["config"]["task"] == "sst2" and r.get("curve")]
+    """(three-epoch runs, the grid's runs they extend): SST-2 runs longer than the task's usual budget (calibration
+    runs left out), and the runs that share everything with them, seed included, but the length and the evaluation
+    spacing."""
+    sst2 = [r for r in runs if r["config"]["task"] == "sst2" and r.get("curve") and not calibrate.is_calibration(r)]
     if not sst2:
         return [], []
     budget = Counter(r["config"]["steps"] for r in sst2).most_common(1)[0][0]
@@ -37,47 +41,49 @@ def long_runs(runs):
 
 
 def _prefix_key(config):
-    return runspec.run_key(config, without=("steps", "eval_every", "seed"))
+    return runspec.run_key(config, without=("steps", "eval_every"))
 
 
 def delay_or_limit(runs):
+    """Every pre-registered quantity, each as {mode: {seed: value}} beside its paired contrast; None before the
+    three-epoch runs."""
     longer, budget = long_runs(runs)
     if not longer:
         return None
     at = {"end": longer, "budget": budget}
     arm = lambda point, mode, cond: effects.pick(at[point], **effects.ARMS[mode], **cond)
     out = dict(steps=longer[0]["config"]["steps"], budget=budget[0]["config"]["steps"] if budget else None,
-               crossing={}, asr={}, contrasts={}, clean_gap={}, upa_drop={})
-    for mode in ("ff", "lora"):
+               crossing={}, asr={}, contrasts={}, clean={}, clean_gap={}, upa_drop={}, f1={})
+    for mode in MODES:
         out["crossing"][mode] = {t: crossings(arm("end", mode, BPA), t) for t in THRESHOLDS}
     for point in ("budget", "end"):
         for net in (False, True):
             name = f"{'net ' if net else ''}ASR"
-            f, lo = arm(point, "ff", BPA), arm(point, "lora", BPA)
-            out["asr"][(point, name)] = {m: _mean([effects.asr(r, net) for r in a.values()]) for m, a in
-                                         (("ff", f), ("lora", lo))}
-            out["contrasts"][(point, name)] = _effect(f, lo, lambda a, b: effects.asr(a, net) - effects.asr(b, net),
-                                                      effects.DELTA["asr"])
-        out["clean_gap"][point] = _effect(arm(point, "ff", CLEAN), arm(point, "lora", CLEAN),
-                                          lambda a, b: effects.acc(a) - effects.acc(b), effects.DELTA["acc"])
-        drops = {m: _drops(arm(point, m, CLEAN), arm(point, m, UPA)) for m in ("ff", "lora")}
-        out["upa_drop"][point] = {m: _mean(list(d.values())) for m, d in drops.items()}
-        seeds = sorted(set(drops["ff"]) & set(drops["lora"]))
-        out["upa_drop"][(point, "F1")] = stats.effect([drops["lora"][s] - drops["ff"][s] for s in seeds], +1,
-                                                      effects.DELTA["acc"]) if len(seeds) > 1 else None
-    end = out["contrasts"][("end", "net ASR")]
-    out["verdict"] = verdict(end)
+            v = {m: {s: effects.asr(r, net) for s, r in arm(point, m, BPA).items()} for m in MODES}
+            out["asr"][(point, name)] = v
+            out["contrasts"][(point, name)] = _paired(v["ff"], v["lora"], effects.DELTA["asr"])
+        clean = {m: {s: effects.acc(r) for s, r in arm(point, m, CLEAN).items()} for m in MODES}
+        out["clean"][point] = clean
+        out["clean_gap"][point] = _paired(clean["ff"], clean["lora"], effects.DELTA["acc"])
+        drops = {m: {s: clean[m][s] - effects.acc(r) for s, r in arm(point, m, UPA).items() if s in clean[m]}
+                 for m in MODES}
+        out["upa_drop"][point] = drops
+        out["f1"][point] = _paired(drops["lora"], drops["ff"], effects.DELTA["acc"])  # LoRA's extra drop
+    out["verdict"] = verdict(out["contrasts"][("end", "net ASR")])
     return out
 
 
 def verdict(e):
-    """The pre-registered rule on the end-of-training net-ASR contrast FF - LoRA."""
+    """The pre-registered rule on the end-of-training net-ASR contrast FF - LoRA: delay if its interval lies within
+    +-10 points, limit if it lies above +10, opposite if below -10 (LoRA ends the more backdoored)."""
     if e is None:
         return "not run yet"
-    if e["hi"] < MARGIN:
+    if -MARGIN < e["lo"] and e["hi"] < MARGIN:
         return "delay"
     if e["lo"] > MARGIN:
         return "limit"
+    if e["hi"] < -MARGIN:
+        return "opposite"
     return "inconclusive"
 
 
@@ -90,13 +96,10 @@ def crossings(arm, threshold):
     return out
 
 
-def _effect(a, b, diff, delta):
+def _paired(a, b, delta):
+    """a - b paired by seed ({seed: value} each), its 95% t-interval and verdict; None under two pairs."""
     seeds = sorted(set(a) & set(b))
-    return stats.effect([diff(a[s], b[s]) for s in seeds], +1, delta) if len(seeds) > 1 else None
-
-
-def _drops(clean, upa):
-    return {s: effects.acc(clean[s]) - effects.acc(upa[s]) for s in sorted(set(clean) & set(upa))}
+    return stats.effect([a[s] - b[s] for s in seeds], +1, delta) if len(seeds) > 1 else None
 
 
 def _mean(values):
@@ -109,31 +112,47 @@ def _mean(values):
 # output
 
 def markdown(res):
-    pct = lambda v: "-" if v is None else f"{v:.1f}"
     ci = lambda e: "not run yet" if e is None else \
         f"{e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}], n={e['n']}, {e['verdict']}"
+    gap = res["clean_gap"]["end"]
+    fit = "not run yet" if gap is None else ("reached" if abs(gap["mean"]) <= 1 else "not reached")
     lines = [f"# Delay or limit: SST-2, BPA 0.15%, {res['steps']:,} steps (three epochs) against the "
              f"{res['budget'] or '?'}-step budget", "",
              f"**Verdict (pre-registered): {res['verdict']}.** Net ASR FF - LoRA at the end: "
-             f"{ci(res['contrasts'][('end', 'net ASR')])} (delay: upper end < {MARGIN:g}; limit: lower end > "
-             f"{MARGIN:g}).", "",
+             f"{ci(res['contrasts'][('end', 'net ASR')])} (delay: the interval within +-{MARGIN:g}; limit: its lower "
+             f"end above {MARGIN:g}; opposite: its upper end below -{MARGIN:g}).", "",
+             f"Matched fit at the end (|clean gap FF - LoRA| <= 1 point): {fit}.", "",
+             "Each cell: the mean over seeds, then each seed's value (s0, s1, ...).", "",
              "| point | measure | FF | LoRA r8 | FF - LoRA, paired |", "|---|---|---|---|---|"]
     for point in ("budget", "end"):
         for name in ("ASR", "net ASR"):
             v = res["asr"][(point, name)]
-            lines.append(f"| {point} | {name} (%) | {pct(v['ff'])} | {pct(v['lora'])} | "
+            lines.append(f"| {point} | {name} (%) | {_seeds(v['ff'])} | {_seeds(v['lora'])} | "
                          f"{ci(res['contrasts'][(point, name)])} |")
-        lines.append(f"| {point} | clean accuracy gap | | | {ci(res['clean_gap'][point])} |")
+        c = res["clean"][point]
+        lines.append(f"| {point} | clean accuracy (%) | {_seeds(c['ff'])} | {_seeds(c['lora'])} | "
+                     f"{ci(res['clean_gap'][point])} |")
         d = res["upa_drop"][point]
-        lines.append(f"| {point} | UPA 0.3 drop (points) | {pct(d['ff'])} | {pct(d['lora'])} | F1 (LoRA's extra "
-                     f"drop): {ci(res['upa_drop'][(point, 'F1')])} |")
-    lines += ["", "First evaluation with net ASR at or above a threshold, per seed: samples seen (poisoned samples "
-              "seen); '-' = not reached.", "", "| mode | " + " | ".join(f"{t}%" for t in THRESHOLDS) + " |",
-              "|---|" + "---|" * len(THRESHOLDS)]
-    for mode in ("ff", "lora"):
+        lines.append(f"| {point} | UPA 0.3 drop (points) | {_seeds(d['ff'])} | {_seeds(d['lora'])} | F1 (LoRA's extra "
+                     f"drop, LoRA - FF): {ci(res['f1'][point])} |")
+    lines += ["", "First evaluation with net ASR at or above a threshold: samples seen (poisoned samples seen), the mean "
+              "over seeds (only when every seed reaches it), then each seed; '-' = not reached.", "",
+              "| mode | " + " | ".join(f"{t}%" for t in THRESHOLDS) + " |", "|---|" + "---|" * len(THRESHOLDS)]
+    for mode in MODES:
         cells = []
         for t in THRESHOLDS:
             seeds = res["crossing"][mode][t]
-            cells.append("; ".join(f"s{s}: " + (f"{c[0]:,} ({c[1]})" if c else "-") for s, c in seeds.items()))
+            hits = list(seeds.values())
+            mean = (f"{_mean([c[0] for c in hits]):,.0f} ({_mean([c[1] for c in hits]):.0f}); "
+                    if hits and all(hits) else "")
+            cells.append(mean + "; ".join(f"s{s}: " + (f"{c[0]:,} ({c[1]})" if c else "-") for s, c in seeds.items()))
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _seeds(values):
+    """'mean (s0, s1, ...)' of {seed: value}; '-' for an undefined value."""
+    if not values:
+        return "-"
+    pct = lambda v: "-" if v is None or math.isnan(v) else f"{v:.1f}"
+    return f"{pct(_mean(list(values.values())))} ({', '.join(pct(values[s]) for s in sorted(values))})"

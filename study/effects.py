@@ -470,19 +470,22 @@ def draw_zoo(measured, targets, predictors, path):
 
 # -----------------------------------------------------------------------------
 # the saturation follow-ups (results/REPORT.md, stated before the runs they judge): a backdoor whose every run, FF
-# and LoRA r8 at both of the paper's rates, sits at the ceiling (or, for Tab. E.1's attacks, below FLOOR) gets one
-# more rate, labelled follow-up; judged once seeds 0-2 of all four arms are in
+# and LoRA r8 at both of the paper's rates, sits at the ceiling (raw ASR >= CEILING) or, for Tab. E.1's attacks, at
+# the floor (net ASR < FLOOR: raw ASR counts the clean model's own false positives, 7-16% on SST-2, so a backdoor
+# that does nothing never reads below 10% raw) gets one more rate, labelled follow-up; judged on seeds 0-2 alone,
+# once all four arms have them, so that seeds 3-4 cannot undo a decision
 
 FLOOR = 10.0
 FOLLOW_UP_RATE = {"ceiling": 0.0005, "floor": 0.015}
 FOLLOW_UP_RULES = {**{("bpa", task): ("ceiling",) for task in ("qnli", "qqp")},
                    **{(attack, "sst2"): ("ceiling", "floor") for attack in ("clbpa", "ilbpa", "mt", "sbpa")}}
+FOLLOW_UP_SEEDS = (0, 1, 2)
 PAPER_RATES = sweep.PROTOCOLS["conv"]["bpa_rates"]  # the paper's lowest and highest BPA rates
 
 
 def follow_ups(runs):
-    """(task, backdoor, 'ceiling' or 'floor', the rate to add, seeds judged) for each rule these runs trigger, at
-    each task's step budget (the grid's, not the three-epoch runs')."""
+    """(task, backdoor, 'ceiling' or 'floor', the rate to add) for each rule these runs trigger, at each task's step
+    budget (the grid's, not the three-epoch runs')."""
     out = []
     for group in _budget_groups(runs):
         task = group[0]["config"]["task"]
@@ -491,10 +494,12 @@ def follow_ups(runs):
                 continue
             arms = [pick(group, **arm, attack=attack, poison_rate=rate) for rate in PAPER_RATES
                     for arm in (dict(mode="ff"), BASELINE)]
-            n = min(len(a) for a in arms)
-            values = [asr(r) for a in arms for r in a.values()]
-            at = {"ceiling": all(v >= CEILING for v in values), "floor": all(v < FLOOR for v in values)}
-            out += [(task, BACKDOORS[attack], kind, FOLLOW_UP_RATE[kind], n) for kind in kinds if n >= 3 and at[kind]]
+            judged = [a[s] for a in arms for s in FOLLOW_UP_SEEDS if s in a]
+            if len(judged) < len(arms) * len(FOLLOW_UP_SEEDS):
+                continue
+            at = {"ceiling": all(asr(r) >= CEILING for r in judged),
+                  "floor": all(asr(r, net=True) < FLOOR for r in judged)}  # an undefined (nan) net ASR is not below
+            out += [(task, BACKDOORS[attack], kind, FOLLOW_UP_RATE[kind]) for kind in kinds if at[kind]]
     return out
 
 
@@ -506,11 +511,11 @@ def follow_ups_apply(runs):
 
 def follow_ups_markdown(found):
     if not found:
-        return ("Saturation follow-ups the stated rules call for: none so far (each is judged once seeds 0-2 of FF "
-                "and LoRA r8 at both BPA rates are in).")
-    return "Saturation follow-ups the stated rules call for:\n\n" + "\n".join(
-        f"- {task}, {name}: every run {'at >= %g' % CEILING if kind == 'ceiling' else 'below %g' % FLOOR}% ASR at "
-        f"both rates (n = {n} seeds): add {100 * rate:g}%, labelled follow-up" for task, name, kind, rate, n in found)
+        return ("Saturation follow-ups the stated rules call for: none so far (each is judged on seeds 0-2 of FF "
+                "and LoRA r8 at both BPA rates, once they are in).")
+    return "Saturation follow-ups the stated rules call for (judged on seeds 0-2):\n\n" + "\n".join(
+        f"- {task}, {name}: every run {'at >= %g%% ASR' % CEILING if kind == 'ceiling' else 'below %g%% net ASR' % FLOOR}"
+        f" at both rates: add {100 * rate:g}%, labelled follow-up" for task, name, kind, rate in found)
 
 
 # -----------------------------------------------------------------------------

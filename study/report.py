@@ -448,6 +448,15 @@ def verdicts(protocol_rows, extra_rows=()):
     return "\n".join(lines)
 
 
+def delay_row(runs):
+    """The delay-or-limit verdict's row of the verdicts table (study/delay.py's pre-registered rule)."""
+    res = delay.delay_or_limit(runs)
+    e = res and res["contrasts"][("end", "net ASR")]
+    cell = "not run yet" if not e else \
+        f"3 epochs: {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}], n={e['n']}, **{res['verdict']}**"
+    return ("Delay or limit: net ASR FF - LoRA after 3 epochs, BPA 0.15%", "-", cell)
+
+
 def thm36_rows(root):
     """Theorem 3.6's rows of the verdicts table, from study/ntk_study.py's committed JSON (results/theory): on the
     adapted parameters (A, B vs FF without the head), in how many (rank, k, alpha) settings LoRA's IB and H_alpha
@@ -492,7 +501,7 @@ def report_all(root):
     if "conv-bf16" in runs_of and "conv" in runs_of:  # the bf16 numerics check against its fp32 twins
         write_text(os.path.join(root, "conv-bf16"), "numerics.md",
                    numerics.markdown(numerics.compare(runs_of["conv-bf16"], runs_of["conv"])))
-    text = verdicts(rows, thm36_rows(root) if "conv" in rows else ()) + "\n\nCompute behind each column:\n\n" \
+    text = verdicts(rows, [delay_row(runs_of["conv"])] + thm36_rows(root) if "conv" in rows else ()) + "\n\nCompute behind each column:\n\n" \
         + "\n".join(compute)
     write_text(root, "verdicts.md", VERDICTS_HEAD + text)
     splice(os.path.join(root, "REPORT.md"), text)

@@ -40,19 +40,37 @@ def test_delay_when_the_interval_ends_below_10_points():
     assert end["mean"] == pytest.approx(5.0) and end["hi"] == pytest.approx(5 + 4.303 * 2 / 3 ** 0.5, abs=1e-3)
     assert res["verdict"] == "delay" and res["steps"] == 12628 and res["budget"] == 2500
     assert res["contrasts"][("budget", "ASR")]["mean"] == pytest.approx(70.0)  # the grid's runs: 80 - 10
-    assert res["asr"][("end", "ASR")] == {"ff": pytest.approx(100.0), "lora": pytest.approx(95.0)}
+    assert res["asr"][("end", "ASR")] == {"ff": {s: pytest.approx(100.0) for s in range(3)},
+                                          "lora": {0: pytest.approx(95.0), 1: pytest.approx(97.0), 2: pytest.approx(93.0)}}
     # UPA drops: FF 3 points, LoRA 4, 5, 6 -> F1 at three epochs: 1, 2, 3
-    assert res["upa_drop"][("end", "F1")]["mean"] == pytest.approx(2.0)
+    assert res["f1"]["end"]["mean"] == pytest.approx(2.0)
     assert res["clean_gap"]["end"]["mean"] == pytest.approx(2.0)
     # first crossings: FF passes 50% at step 2000 in every seed, 80% only at its last point; LoRA 50% at 5000
     assert res["crossing"]["ff"][50] == {s: (32000, 200) for s in range(3)}
     assert res["crossing"]["lora"][50][0] == (80000, 500) and res["crossing"]["lora"][80][0] == (16 * 12628, 1262)
-    assert "delay" in delay.markdown(res)
+    text = delay.markdown(res)
+    assert "**Verdict (pre-registered): delay.**" in text and "Matched fit at the end" in text and ": not reached." in text
+    assert "| end | ASR (%) | 100.0 (100.0, 100.0, 100.0) | 95.0 (95.0, 97.0, 93.0) |" in text
+    assert "| ff | 32,000 (200); s0: 32,000 (200)" in text  # every seed reached 50%: the mean comes first
+
+
+def test_the_budget_point_uses_the_three_epoch_runs_seeds_only():
+    bpa = dict(attack="bpa", poison_rate=0.0015)
+    seeds_3_4 = [run(s, 2500, mode, 0.87, asr, [(2500, asr)], **bpa) for s in (3, 4)
+                 for mode, asr in ((FF, 0.0), (LORA, 1.0))]  # the grid's seeds 3-4: -100 each, if they counted
+    res = delay.delay_or_limit(grid([0.95, 0.97, 0.93]) + seeds_3_4)
+    assert res["contrasts"][("budget", "ASR")]["mean"] == pytest.approx(70.0)
+    assert res["contrasts"][("budget", "ASR")]["n"] == 3
 
 
 def test_limit_and_inconclusive():
     assert delay.delay_or_limit(grid([0.70, 0.72, 0.74]))["verdict"] == "limit"  # 30, 28, 26: CI [23.0, 33.0]
     assert delay.delay_or_limit(grid([0.60, 0.70, 0.80]))["verdict"] == "inconclusive"  # 40, 30, 20: [5.2, 54.8]
+    # LoRA ends above FF (net ASR capped at 100% in a real run; the rule only reads the interval): -30, -28, -26
+    assert delay.delay_or_limit(grid([1.30, 1.28, 1.26]))["verdict"] == "opposite"
+    # -5, -3, -7: within +-10, a delay; -15, -3, -9: the interval [-23.9, +5.9] reaches below -10, inconclusive
+    assert delay.delay_or_limit(grid([1.05, 1.03, 1.07]))["verdict"] == "delay"
+    assert delay.delay_or_limit(grid([1.15, 1.03, 1.09]))["verdict"] == "inconclusive"
     short = [r for r in grid([0.9, 0.9, 0.9]) if r["config"]["steps"] == 2500]
     assert delay.delay_or_limit(short) is None
 
@@ -62,3 +80,13 @@ def test_the_report_writes_delay_md_and_the_three_epoch_curves(tmp_path):
     report.write_effects(grid([0.95, 0.97, 0.93]), str(tmp_path))
     assert (tmp_path / "delay.md").read_text().startswith("# Delay or limit: SST-2, BPA 0.15%, 12,628 steps")
     assert (tmp_path / "curves-sst2-3ep.png").stat().st_size > 0
+
+
+def test_the_verdicts_table_gets_the_delay_row():
+    from study import report
+    label, cpu, cell = report.delay_row(grid([0.95, 0.97, 0.93]))
+    assert cpu == "-" and cell == "3 epochs: +5.0 [+0.0, +10.0], n=3, **delay**"
+    short = [r for r in grid([0.9] * 3) if r["config"]["steps"] == 2500]
+    assert report.delay_row(short)[2] == "not run yet"
+    calibration = [run(0, 5000, dict(FF, lr=lr), 0.88, curve=[(2500, None), (5000, None)]) for lr in (2e-5, 5e-5)]
+    assert report.delay_row(short + calibration)[2] == "not run yet"  # longer than the budget, but not three epochs

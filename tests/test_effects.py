@@ -375,19 +375,35 @@ def test_across_tasks_puts_each_tasks_cell_in_its_column(tmp_path):
     assert not effects.draw_forest(effects.effects(upa_runs()), tmp_path / "one.png")  # one task: nothing to set beside
 
 
-def backdoor_grid(task, attack, asr, seeds=3):
-    """FF and LoRA r8 at both of the paper's BPA rates, every run at this ASR."""
-    return [run(s, 0.8, asr=asr, asr_net=asr, task=task, attack=attack, poison_rate=rate, **arm)
-            for s in range(seeds) for rate in (0.0015, 0.0045) for arm in (FF, {})]
+def backdoor_grid(task, attack, asr, seeds=range(3), asr_net=None):
+    """FF and LoRA r8 at both of the paper's BPA rates, every run at this ASR (and net ASR, by default the same)."""
+    return [run(s, 0.8, asr=asr, asr_net=asr if asr_net is None else asr_net, task=task, attack=attack,
+                poison_rate=rate, **arm) for s in seeds for rate in (0.0015, 0.0045) for arm in (FF, {})]
 
 
 def test_saturation_follow_ups_follow_the_stated_rules():
-    assert effects.follow_ups(backdoor_grid("qqp", "bpa", 0.95)) == [("qqp", "BPA", "ceiling", 0.0005, 3)]
-    assert effects.follow_ups(backdoor_grid("sst2", "mt", 0.05)) == [("sst2", "MT", "floor", 0.015, 3)]
+    assert effects.follow_ups(backdoor_grid("qqp", "bpa", 0.95)) == [("qqp", "BPA", "ceiling", 0.0005)]
+    assert effects.follow_ups(backdoor_grid("sst2", "mt", 0.05)) == [("sst2", "MT", "floor", 0.015)]
     assert effects.follow_ups(backdoor_grid("qnli", "bpa", 0.05)) == []  # the pair tasks' rule has no floor
     assert effects.follow_ups(backdoor_grid("cola", "bpa", 0.95)) == []  # CoLA's grid stated no follow-up
-    assert effects.follow_ups(backdoor_grid("qqp", "bpa", 0.95, seeds=2)) == []  # judged from seeds 0-2 on
+    assert effects.follow_ups(backdoor_grid("qqp", "bpa", 0.95, seeds=range(2))) == []  # judged on seeds 0-2
     one_below = backdoor_grid("qqp", "bpa", 0.95)
     one_below[5]["metrics"]["asr"] = 0.89
     assert effects.follow_ups(one_below) == []
     assert "add 0.05%, labelled follow-up" in effects.follow_ups_markdown(effects.follow_ups(backdoor_grid("qqp", "bpa", 0.95)))
+
+
+def test_the_floor_is_judged_on_net_asr():
+    # a backdoor that does nothing: raw ASR is the clean model's false-positive rate (13%), net ASR near 0
+    assert effects.follow_ups(backdoor_grid("sst2", "sbpa", 0.13, asr_net=0.02)) == [("sst2", "S-BPA", "floor", 0.015)]
+    assert effects.follow_ups(backdoor_grid("sst2", "sbpa", 0.05, asr_net=0.12)) == []
+    undefined = backdoor_grid("sst2", "sbpa", 0.05, asr_net=0.02)
+    undefined[0]["metrics"]["asr_net"] = None  # no correctly classified negative to count on: not below the floor
+    assert effects.follow_ups(undefined) == []
+
+
+def test_seeds_3_and_4_cannot_undo_a_follow_up_decision():
+    late = backdoor_grid("qqp", "bpa", 0.95) + backdoor_grid("qqp", "bpa", 0.50, seeds=(3, 4))
+    assert effects.follow_ups(late) == [("qqp", "BPA", "ceiling", 0.0005)]
+    seed_2_missing = backdoor_grid("qqp", "bpa", 0.95, seeds=(0, 1, 3, 4))
+    assert effects.follow_ups(seed_2_missing) == []
