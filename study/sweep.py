@@ -36,10 +36,11 @@ from study import ROOT
 # Added 2026-12-01, before any of their runs (results/REPORT.md): the sentence-pair tasks (issue 23), their
 # calibration (rule 3), then F1/F2 on both tasks one seed at a time, seeds 0-2 first and seeds 3-4 last; between
 # them SST-2 over three epochs (`3ep`, delay or limit) and Tab. E.1's four backdoors (`e1`), issue 24. A stage
-# listed twice runs only the seeds its first listing did not.
+# listed twice runs only the seeds its first listing did not. Last, `follow`: the saturation follow-ups that
+# effects.follow_ups finds, once they are entered in PROTOCOLS['conv']['follow_ups'] (empty until a rule fires).
 CONV_STAGES = ((("calib",), 1), (("cola-calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola",), 3),
                (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs-f1",), 3), (("pairs",), 3),
-               (("3ep",), 3), (("e1",), 5), (("pairs",), 5))
+               (("3ep",), 3), (("e1",), 5), (("pairs",), 5), (("follow",), 5))
 PAIR_TASKS = ("qnli", "qqp")
 PROTOCOLS = {
     "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
@@ -78,7 +79,10 @@ PROTOCOLS = {
                  curve_points=8, curve_dev=256, stages=CONV_STAGES,
                  # three epochs of SST-2's 67,349 rows at batch 16, evaluated every 1/16 of the run (issue 24)
                  epochs3=dict(steps=12628, curve_points=16),
-                 e1=("clbpa", "ilbpa", "mt", "sbpa")),  # Tab. E.1's backdoors, each from its own pool of rows
+                 e1=("clbpa", "ilbpa", "mt", "sbpa"),  # Tab. E.1's backdoors, each from its own pool of rows
+                 # (task, attack, rate) of each saturation follow-up that effects.follow_ups reports (results/REPORT.md
+                 # states the rules), entered here by hand once it does, as the budgets above: FF and LoRA r8, 5 seeds
+                 follow_ups=()),
 }
 # `conv-bf16`: the numerics check of bf16 autocast (results/REPORT.md, "bf16 against fp32"): F1/F2's clean, UPA 0.3
 # and BPA 0.15% cells of `conv` again with --dtype bf16, in a results file of their own
@@ -142,8 +146,10 @@ def task_flags(task, p):
         + (["--dev-cap", str(cap)] if cap else [])
 
 
-def figure_tasks(figure):
+def figure_tasks(figure, p):
     """The tasks a converged-protocol figure runs on."""
+    if figure == "follow":
+        return tuple(sorted({task for task, _, _ in p["follow_ups"]}))
     return ("cola",) if figure.startswith("cola") else PAIR_TASKS if figure.startswith("pair") else ("sst2",)
 
 
@@ -157,8 +163,8 @@ def conv_grid(figure, p):
                                                      str(p["calib"]["steps"]), "--eval-every",
                                                      str(p["calib"]["eval_every"])] + curve
                 + (["--rank", "8", "--alpha", "16"] if m == "lora" else [])
-                for task in figure_tasks(figure) for m in ("lora", "ff")]
-    return [flags for task in figure_tasks(figure) for flags in conv_task_grid(figure, task, p)]
+                for task in figure_tasks(figure, p) for m in ("lora", "ff")]
+    return [flags for task in figure_tasks(figure, p) for flags in conv_task_grid(figure, task, p)]
 
 
 def conv_task_grid(figure, task, p):
@@ -187,6 +193,9 @@ def conv_task_grid(figure, task, p):
         return [m + c for c in (conds[0], conds[2], conds[1]) for m in (lora, ff)]
     if figure == "e1":
         return [m + attack_flags(a, r) for r in p["bpa_rates"] for a in p["e1"] for m in (lora, ff)]
+    if figure == "follow":  # BPA's rows from all rows as in its grid; Tab. E.1's attacks from their own pools
+        return [m + (bpa(r) if a == "bpa" else attack_flags(a, r)) for t, a, r in p["follow_ups"] if t == task
+                for m in (lora, ff)]
     sweep_conds = conds[:2] + [bpa(p["bpa_rate"])]  # clean (for the UPA drop), UPA, BPA
     low = [bpa(p["bpa_rates"][0])]  # the follow-up's BPA condition (CONV_STAGES)
     scalings = (["--alpha", "16"], ["--alpha", p["rs_alpha"], "--rslora"])
@@ -212,7 +221,7 @@ def ready(figure, p):
         return True
     if p["lr"] is None:
         return False
-    return figure.endswith("-calib") or all((p["steps"] or {}).get(t) is not None for t in figure_tasks(figure))
+    return figure.endswith("-calib") or all((p["steps"] or {}).get(t) is not None for t in figure_tasks(figure, p))
 
 
 def resolve(flags):

@@ -160,3 +160,26 @@ def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatc
         for rate in ("0.0015", "0.0045"):
             assert sum(f"--attack {attack} --poison-rate {rate} " in ln for ln in e1) == 10  # 2 modes x 5 seeds
     assert not any("--poison-pool" in ln for ln in e1)  # each attack's own pool
+
+
+def test_follow_ups_run_last_once_entered(stub_glue, tmp_path, capsys, monkeypatch):
+    """The `follow` stage is empty until a follow-up is entered in the protocol; then it runs FF and LoRA r8 at the
+    added rate, 5 seeds, after every other stage, with the grid's settings of its task and attack."""
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
+    argv = ["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"), "--runs-dir",
+            str(tmp_path / "runs")]
+    stage = lambda ln: ln.split(str(tmp_path / "runs") + "/")[1].split("/")[0]
+    sweep.main(argv)
+    assert "follow" not in {stage(ln) for ln in capsys.readouterr().out.splitlines()}
+    monkeypatch.setitem(sweep.PROTOCOLS["conv"], "follow_ups", (("qqp", "bpa", 0.0005), ("sst2", "mt", 0.015)))
+    sweep.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    follow = [ln for ln in lines if stage(ln) == "follow"]
+    assert len(follow) == 2 * 2 * 5 and lines[-len(follow):] == follow
+    qqp = [ln for ln in follow if "--task qqp" in ln]
+    assert len(qqp) == 10 and all("--attack bpa --poison-rate 0.0005 --poison-pool any" in ln and "--steps 2000" in ln
+                                  and "--dev-cap 5000" in ln and "--max-len 64" in ln for ln in qqp)
+    mt = [ln for ln in follow if "--task sst2" in ln]
+    assert len(mt) == 10 and all("--attack mt --poison-rate 0.015" in ln and "--poison-pool" not in ln for ln in mt)
+    assert {ln.count("--mode ff") for ln in mt} == {0, 1} and sum("--mode ff" in ln for ln in mt) == 5
