@@ -501,8 +501,8 @@ def report_all(root):
     if "conv-bf16" in runs_of and "conv" in runs_of:  # the bf16 numerics check against its fp32 twins
         write_text(os.path.join(root, "conv-bf16"), "numerics.md",
                    numerics.markdown(numerics.compare(runs_of["conv-bf16"], runs_of["conv"])))
-    text = verdicts(rows, [delay_row(runs_of["conv"])] + thm36_rows(root) if "conv" in rows else ()) + "\n\nCompute behind each column:\n\n" \
-        + "\n".join(compute)
+    extra = [delay_row(runs_of["conv"])] + thm36_rows(root) if "conv" in rows else ()
+    text = verdicts(rows, extra) + "\n\nCompute behind each column:\n\n" + "\n".join(compute)
     write_text(root, "verdicts.md", VERDICTS_HEAD + text)
     splice(os.path.join(root, "REPORT.md"), text)
     if zoos:  # every protocol that ran the zoo, one after another (one splice would overwrite the other)
