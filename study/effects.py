@@ -524,12 +524,19 @@ def follow_ups_markdown(found):
 SATURATED = f" (saturated: every run >= {CEILING:g}% ASR)"
 
 
+def seeds_for_reference(r):
+    """For an inconclusive row, the seeds the reference effect (the paper's, else 2 x delta) would need at the
+    measured noise, e.g. '12 (for 30)'; '' otherwise."""
+    if r["verdict"] != "inconclusive":
+        return ""
+    return f"{r['seeds_needed'] or '> 1000'} (for {r['ref']:g})"
+
+
 def markdown(rows):
     head = "| finding | task | condition | effect (points) | mean | 95% CI | n | verdict | seeds for the reference effect |"
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        need = "-" if r["verdict"] != "inconclusive" else (
-            f"{r['seeds_needed']} (for {r['ref']:g})" if r["seeds_needed"] else f"> 1000 (for {r['ref']:g})")
+        need = seeds_for_reference(r) or "-"
         verdict = r["verdict"] if r["finding"] != "zoo" else {"replicated": "higher", "opposite": "lower"}.get(r["verdict"], r["verdict"])
         verdict += SATURATED if r["saturated"] else ""
         lines.append(f"| {r['finding']} | {r['task']} | {r['condition']} | {r['what']} | {r['mean']:+.2f} | "

@@ -433,8 +433,9 @@ def headline_cell(rows, finding, task, cond, what):
     if not hits:
         return "not run yet"
     r = hits[0]
+    need = effects.seeds_for_reference(r)
     return f"{cond.split(',')[0]}: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}], n={r['n']}, **{r['verdict']}**" \
-        + (effects.SATURATED if r["saturated"] else "")
+        + (effects.SATURATED if r["saturated"] else "") + (f"; seeds for the reference effect: {need}" if need else "")
 
 
 def verdicts(protocol_rows, extra_rows=()):

@@ -126,6 +126,12 @@ def test_verdicts_table_cells():
     assert report.headline_cell(rows, "F2", "sst2", "BPA 1%", None) == "not run yet"
     table = report.verdicts({"cpu": rows})
     assert "| F1: UPA 0.3, LoRA's extra accuracy drop | UPA 0.3: +4.0" in table
+    row = dict(finding="F1", task="sst2", condition="UPA 0.3", what="x", mean=-0.9, lo=-2.6, hi=0.9, n=5,
+               verdict="inconclusive", saturated=False, seeds_needed=65, ref=0.5)
+    assert report.headline_cell([row], "F1", "sst2", "UPA 0.3", None) == \
+        "UPA 0.3: -0.9 [-2.6, +0.9], n=5, **inconclusive**; seeds for the reference effect: 65 (for 0.5)"
+    assert report.headline_cell([dict(row, seeds_needed=None)], "F1", "sst2", "UPA 0.3", None).endswith(
+        "> 1000 (for 0.5)")
 
 
 def test_splice_replaces_only_the_marked_table(tmp_path, capsys):
