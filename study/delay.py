@@ -112,8 +112,7 @@ def _mean(values):
 # output
 
 def markdown(res):
-    ci = lambda e: "not run yet" if e is None else \
-        f"{e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}], n={e['n']}, {e['verdict']}"
+    ci = lambda e: "not run yet" if e is None else stats.effect_text(e)
     gap = res["clean_gap"]["end"]
     fit = "not run yet" if gap is None else ("reached" if abs(gap["mean"]) <= 1 else "not reached")
     lines = [f"# Delay or limit: SST-2, BPA 0.15%, {res['steps']:,} steps (three epochs) against the "

@@ -568,8 +568,7 @@ def across_markdown(rows):
     table = across_tasks(rows)
     lines = ["| finding | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for title, cells in table.items():
-        text = [f"{c['mean']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}], n={c['n']}, {c['verdict']}"
-                + (" (saturated)" if c["saturated"] else "") if c else "not run yet" for c in (cells.get(t) for t in TASKS)]
+        text = [stats.effect_text(c) + (" (saturated)" if c["saturated"] else "") if c else "not run yet" for c in (cells.get(t) for t in TASKS)]
         lines.append(f"| {title} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 

@@ -434,8 +434,8 @@ def headline_cell(rows, finding, task, cond, what):
         return "not run yet"
     r = hits[0]
     need = effects.seeds_for_reference(r)
-    return f"{cond.split(',')[0]}: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}], n={r['n']}, **{r['verdict']}**" \
-        + (effects.SATURATED if r["saturated"] else "") + (f"; seeds for the reference effect: {need}" if need else "")
+    return f"{cond.split(',')[0]}: {stats.effect_text(r, bold=True)}" + (effects.SATURATED if r["saturated"] else "") \
+        + (f"; seeds for the reference effect: {need}" if need else "")
 
 
 def verdicts(protocol_rows, extra_rows=()):
@@ -453,8 +453,7 @@ def delay_row(runs):
     """The delay-or-limit verdict's row of the verdicts table (study/delay.py's pre-registered rule)."""
     res = delay.delay_or_limit(runs)
     e = res and res["contrasts"][("end", "net ASR")]
-    cell = "not run yet" if not e else \
-        f"3 epochs: {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}], n={e['n']}, **{res['verdict']}**"
+    cell = "not run yet" if not e else f"3 epochs: {stats.effect_text(e, res['verdict'], bold=True)}"
     return ("Delay or limit: net ASR FF - LoRA after 3 epochs, BPA 0.15%", "-", cell)
 
 

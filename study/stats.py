@@ -42,6 +42,12 @@ def spread_text(mean, sd, n, spec=".1f"):
     return f"{mean:{spec}} ± {sd:{spec}}" if n > 1 else f"{mean:{spec}}"
 
 
+def effect_text(e, verdict=None, bold=False):
+    """An effect (from `effect`) as text: 'mean [lo, hi], n=N, verdict' in points to one decimal."""
+    v = verdict or e["verdict"]
+    return f"{e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}], n={e['n']}, " + (f"**{v}**" if bold else v)
+
+
 def effect(diffs, paper_sign=1, delta=0.0, level=0.95):
     """Mean of the paired differences, its t-interval and the verdict, as a dict.
 
