@@ -477,8 +477,8 @@ def draw_zoo(measured, targets, predictors, path):
 
 FLOOR = 10.0
 FOLLOW_UP_RATE = {"ceiling": 0.0005, "floor": 0.015}
-FOLLOW_UP_RULES = {**{("bpa", task): ("ceiling",) for task in ("qnli", "qqp")},
-                   **{(attack, "sst2"): ("ceiling", "floor") for attack in ("clbpa", "ilbpa", "mt", "sbpa")}}
+FOLLOW_UP_RULES = {**{("bpa", task): ("ceiling",) for task in sweep.PAIR_TASKS},
+                   **{(attack, "sst2"): ("ceiling", "floor") for attack in sweep.PROTOCOLS["conv"]["e1"]}}
 FOLLOW_UP_SEEDS = (0, 1, 2)
 PAPER_RATES = sweep.PROTOCOLS["conv"]["bpa_rates"]  # the paper's lowest and highest BPA rates
 
@@ -568,7 +568,8 @@ def across_markdown(rows):
     table = across_tasks(rows)
     lines = ["| finding | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for title, cells in table.items():
-        text = [stats.effect_text(c) + (" (saturated)" if c["saturated"] else "") if c else "not run yet" for c in (cells.get(t) for t in TASKS)]
+        text = [stats.effect_text(c) + (" (saturated)" if c["saturated"] else "") if c else "not run yet"
+                for c in (cells.get(t) for t in TASKS)]
         lines.append(f"| {title} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
