@@ -37,10 +37,11 @@ set) and `test` (where it is measured, with the test third's non-target rows tri
          (h_l - mu_k), the Mahalanobis distance to the nearest class, with S shrunk towards (tr S / d) I by 0.1
          (as the authors' code does, with scikit-learn's ShrunkCovariance default); each layer's s_l is
          standardised by its mean and std (n - 1; theirs n: the same factor on every layer, no ranking
-         changes), and the score is the mean over layers (the authors' README runs
+         changes) over a seeded fifth of the fit rows held out from the Gaussians, as the authors' code holds out
+         a fifth of its clean data, and the score is the mean over layers (the authors' README runs
          `--std --agg mean`; their `min` option is the maximum of the standardised distances). (The embeddings'
-         [CLS] is the same for every input and is left out.) Where we differ: their code standardises on a
-         held-out fifth of the clean data, we on the fit set itself; they pool tokens by default, we read [CLS].
+         [CLS] is the same for every input and is left out.) Where we differ: they pool tokens by default, we
+         read [CLS].
 
 Training-data filters. Each ranks the training rows, using the model trained on the (poisoned) training set, and
 drops the suspects; retraining on the rest is train.py --drop-rows FILE.
@@ -104,9 +105,17 @@ import train
 
 FRRS = (0.01, 0.05)     # the false-rejection rates thresholds are set at
 SPLIT_SEED = 0          # one dev split for every run, so detectors pair across runs and seeds
-SHRINK = 0.1            # DAN's covariance shrinkage (see above)
-AC_DIMS, AC_MAX_SHARE = 10, 0.35
-BKI_TOP = 5
+# Each defence's settings (see above), fixed before the experiment's runs (REPORT.md, "Defences x LoRA/FF"). A
+# results line records its defence's, so that study/defend.py never takes a line measured under other settings for a
+# current one: a change to a defence that changes its numbers changes (or adds) a setting here.
+SETTINGS = {
+    "strip": dict(n_copies=20, swap_ratio=0.5, seed=0),
+    "rap": dict(word="cf", low=0.1, high=0.3, epochs=5, lr=1e-2, batch_size=32, seed=0),
+    "dan": dict(shrink=0.1, held_out=0.2, seed=0),   # held_out: the share of fit that standardises, not fits
+    "spectral": dict(factor=1.5),
+    "ac": dict(dims=10, max_share=0.35, seed=0),
+    "bki": dict(top_k=5),
+}
 BKI_CHUNK = 512   # rows per outputs() call: ~5,000 variants whose last-layer states take ~8 MB
 OFF = -2.0              # RAP's score for inputs not predicted as the target: below every -Delta in [-1, 1]
 # which [CLS] states outputs() keeps: none (STRIP, RAP), the last layer's (the filters), layers 1..L (DAN)
@@ -168,7 +177,7 @@ def strip_copy(example, donors, swap_ratio, rng):
     return data.Example(" ".join(words), example.text_b, example.label)
 
 
-def strip_scores(examples, donors, probs, n_copies=20, swap_ratio=0.5, seed=0):
+def strip_scores(examples, donors, probs, n_copies, swap_ratio, seed):
     """STRIP's score per input: minus the mean entropy (bits) of the predictions on its own n_copies copies.
     probs(list of Examples) -> (N, C) probabilities. The copies are laid out input by input, so row i of the
     (inputs x copies) matrix holds input i's copies only (the reshape a toolkit got wrong, see the tests)."""
@@ -179,7 +188,7 @@ def strip_scores(examples, donors, probs, n_copies=20, swap_ratio=0.5, seed=0):
     return -entropy.view(len(examples), n_copies).mean(1)
 
 
-def strip_detector(net, tokenizer, fit, max_len, target, n_copies=20, swap_ratio=0.5, seed=0):
+def strip_detector(net, tokenizer, fit, max_len, target, n_copies, swap_ratio, seed):
     probs = lambda examples: outputs(net, examples, tokenizer, max_len, NO_STATES, progress="strip: copies")[0]
     return lambda examples: strip_scores(examples, fit, probs, n_copies, swap_ratio, seed)
 
@@ -210,8 +219,7 @@ def rap_token(tokenizer, word):
     return ids[0]
 
 
-def rap_learn(net, tokenizer, clean_target, max_len, target, word="cf", low=0.1, high=0.3, epochs=5, lr=1e-2,
-              batch_size=32, seed=0):
+def rap_learn(net, tokenizer, clean_target, max_len, target, word, low, high, epochs, lr, batch_size, seed):
     """(token id, embedding) of the rare word, learned on clean target-class samples so that it lowers p_T by
     between low and high (see the module docstring). Only the vector is trained; dropout is off."""
     token = rap_token(tokenizer, word)
@@ -245,7 +253,7 @@ def rap_learn(net, tokenizer, clean_target, max_len, target, word="cf", low=0.1,
     return token, vector.detach()
 
 
-def rap_scores(net, tokenizer, examples, max_len, target, token, vector, word="cf"):
+def rap_scores(net, tokenizer, examples, max_len, target, token, vector, word):
     """-Delta = p_T(cf + x) - p_T(x) for inputs predicted as the target, OFF for the others."""
     p = outputs(net, examples, tokenizer, max_len, NO_STATES)[0]
     with rare_word(net, token, vector):
@@ -254,16 +262,16 @@ def rap_scores(net, tokenizer, examples, max_len, target, token, vector, word="c
     return torch.where(p.argmax(-1) == target, score, torch.full_like(score, OFF))
 
 
-def rap_detector(net, tokenizer, fit, max_len, target, word="cf", seed=0, **learn):
+def rap_detector(net, tokenizer, fit, max_len, target, word, **learn):
     clean_target = [e for e in fit if e.label == target]
-    token, vector = rap_learn(net, tokenizer, clean_target, max_len, target, word=word, seed=seed, **learn)
+    token, vector = rap_learn(net, tokenizer, clean_target, max_len, target, word, **learn)
     return lambda examples: rap_scores(net, tokenizer, examples, max_len, target, token, vector, word)
 
 
 # -----------------------------------------------------------------------------
 # DAN
 
-def gaussian_fit(feats, labels, shrink=SHRINK):
+def gaussian_fit(feats, labels, shrink):
     """Class means (K, d) and the precision matrix of the shared covariance S = 1/N sum_i (h_i - mu_yi)(h_i - mu_yi)^T,
     shrunk: (1 - shrink) S + shrink (tr S / d) I."""
     labels = torch.as_tensor(labels)
@@ -282,18 +290,27 @@ def mahalanobis(feats, means, precision):
     return torch.einsum("nkd,de,nke->nk", diff, precision, diff).min(1).values
 
 
-def dan_detector(net, tokenizer, fit, max_len, target, shrink=SHRINK):
-    states = outputs(net, fit, tokenizer, max_len, LAYERS)[1].double()
-    labels = [e.label for e in fit]
+def dan_layers(states, labels, held, shrink):
+    """DAN fitted on clean [CLS] states: a function from states (L, M, d) to the standardised distances (L, M).
+    Per layer, Gaussians fitted on `states` (L, N, d) with their labels; each layer's distance is standardised by
+    its mean and std over `held` (L, N', d), clean rows the Gaussians have not seen. (Rows the Gaussians were fitted
+    on sit closer to them than new rows do, the more so the more dimensions per row: standardised on them, a
+    layer's new-row distances would not have unit spread, and the mean over layers would weigh layers unequally.)"""
     fits = [gaussian_fit(h, labels, shrink) for h in states]
-    dists = torch.stack([mahalanobis(h, *f) for h, f in zip(states, fits)])
-    mean, std = dists.mean(1, keepdim=True), dists.std(1, keepdim=True)
+    distances = lambda h: torch.stack([mahalanobis(x, *f) for x, f in zip(h, fits)])
+    d = distances(held)
+    mean, std = d.mean(1, keepdim=True), d.std(1, keepdim=True)
+    return lambda h: (distances(h) - mean) / std
 
-    def score(examples):
-        h = outputs(net, examples, tokenizer, max_len, LAYERS)[1].double()
-        s = torch.stack([mahalanobis(x, *f) for x, f in zip(h, fits)])
-        return ((s - mean) / std).mean(0)
-    return score
+
+def dan_detector(net, tokenizer, fit, max_len, target, shrink, held_out, seed):
+    order = list(range(len(fit)))
+    random.Random(seed).shuffle(order)
+    n_held = round(held_out * len(fit))
+    gauss, held = ([fit[i] for i in sorted(part)] for part in (order[n_held:], order[:n_held]))
+    states = lambda examples: outputs(net, examples, tokenizer, max_len, LAYERS)[1].double()
+    layers = dan_layers(states(gauss), [e.label for e in gauss], states(held), shrink)
+    return lambda examples: layers(states(examples)).mean(0)
 
 
 DETECTORS = {"strip": strip_detector, "rap": rap_detector, "dan": dan_detector}
@@ -338,13 +355,13 @@ def _share(mask):
 # -----------------------------------------------------------------------------
 # a detector on a model and its clean dev set
 
-def detect(name, net, tokenizer, dev, attack, attack_opts, max_len, frrs=FRRS, seed=SPLIT_SEED, **options):
+def detect(name, net, tokenizer, dev, attack, attack_opts, max_len, frrs=FRRS, seed=SPLIT_SEED):
     """One detector measured: fitted on the fit third, thresholds on the calib third, measured on the test third
     (clean) and its non-target rows triggered. Returns the metrics as a JSON-ready dict."""
     target = attack_opts.get("target", 1)
     fit, calib, test = dev_split(dev, seed)
     triggered = attacks.triggered_dev(attack, test, **attack_opts)
-    score = DETECTORS[name](net, tokenizer, fit, max_len, target, **options)
+    score = DETECTORS[name](net, tokenizer, fit, max_len, target, **SETTINGS[name])
     s_calib, s_clean, s_trig = score(calib), score(test), score(triggered)
     right = outputs(net, test, tokenizer, max_len, NO_STATES)[0].argmax(-1) == torch.tensor([e.label for e in test])
     hit = outputs(net, triggered, tokenizer, max_len, NO_STATES)[0].argmax(-1) == target
@@ -378,10 +395,10 @@ def spectral_scores(reps, labels):
     return scores
 
 
-def spectral_filter(reps, labels, expected):
-    """(scores, dropped): from each label, the ceil(1.5 * expected) rows with the highest spectral scores."""
+def spectral_filter(reps, labels, expected, factor):
+    """(scores, dropped): from each label, the ceil(factor * expected) rows with the highest spectral scores."""
     scores = spectral_scores(reps, labels)
-    n = math.ceil(1.5 * expected)
+    n = math.ceil(factor * expected)
     dropped = [int(rows[i]) for rows in by_label(labels).values()
                for i in scores[rows].argsort(descending=True)[:n]]
     return scores, sorted(dropped)
@@ -414,7 +431,7 @@ def kmeans2(x, seed=0, n_init=10, iters=100):
     return best[1], best[2]
 
 
-def ac_filter(reps, labels, dims=AC_DIMS, max_share=AC_MAX_SHARE, seed=0):
+def ac_filter(reps, labels, dims, max_share, seed):
     """(scores, dropped): per label, PCA to `dims`, 2-means; the smaller cluster is dropped when it holds at most
     max_share of the label's rows. Score: distance from the larger cluster's centre."""
     scores = torch.zeros(len(reps), dtype=torch.float64)
@@ -440,7 +457,7 @@ def without_each_word(example):
     return [data.Example(" ".join(words[:i] + words[i + 1:]), example.text_b, example.label) for i in range(len(words))]
 
 
-def bki_keyword(net, tokenizer, examples, max_len, top_k=BKI_TOP):
+def bki_keyword(net, tokenizer, examples, max_len, top_k):
     """(the suspected trigger word, {word: score}): importance ||h(x) - h(x minus word i)||_inf of the last layer's
     [CLS]; each row's `top_k` most important word positions, a word counted once per row (at its highest importance);
     score = mean importance x log10(rows the word was among the top of)."""
@@ -465,9 +482,9 @@ def bki_keyword(net, tokenizer, examples, max_len, top_k=BKI_TOP):
     return max(scores, key=scores.get), scores
 
 
-def bki_filter(net, tokenizer, examples, max_len):
+def bki_filter(net, tokenizer, examples, max_len, top_k):
     """(keyword, dropped): the rows whose text_a holds BKI's keyword as a space-separated word."""
-    keyword, _ = bki_keyword(net, tokenizer, examples, max_len)
+    keyword, _ = bki_keyword(net, tokenizer, examples, max_len, top_k)
     return keyword, [i for i, e in enumerate(examples) if keyword in e.text_a.split(" ")]
 
 
@@ -475,16 +492,17 @@ def filter_rows(name, net, tokenizer, train_set, poisoned, max_len, expected=0):
     """One filter on the training set the model was trained on: (its metrics: precision and recall against the
     known poisoned rows; the indices of the rows it drops). expected: spectral's expected number of poisoned rows."""
     out = dict(defence=name, n_train=len(train_set), n_poisoned=len(poisoned))
+    opts = SETTINGS[name]
     if name == "bki":
-        out["keyword"], dropped = bki_filter(net, tokenizer, train_set, max_len)
+        out["keyword"], dropped = bki_filter(net, tokenizer, train_set, max_len, **opts)
     else:
         reps = outputs(net, train_set, tokenizer, max_len, LAST, progress=f"{name}: training rows' [CLS]")[1][0]
         labels = [e.label for e in train_set]
         if name == "spectral":
             out["expected"] = expected
-            _, dropped = spectral_filter(reps, labels, expected)
+            _, dropped = spectral_filter(reps, labels, expected, **opts)
         else:
-            _, dropped = ac_filter(reps, labels)
+            _, dropped = ac_filter(reps, labels, **opts)
     hits = len(set(dropped) & set(poisoned))
     out.update(n_dropped=len(dropped), precision=hits / len(dropped) if dropped else None,
                recall=hits / len(poisoned) if poisoned else None)
@@ -509,7 +527,7 @@ def run_defence(run_dir, name, frrs=FRRS, data_dir=None, expected=None):
     train_set, dev, poisoned = train.load_data(args)  # exactly as the run built them (poisoning, caps, --drop-rows)
     with open(os.path.join(run_dir, "metrics.json")) as f:  # the run's own final evaluation, on the whole dev set
         final = json.load(f)["final"]
-    result = dict(run=run_dir, config=runspec.run_config(args),
+    result = dict(run=run_dir, config=runspec.run_config(args), settings=settings(name, frrs),
                   source=dict(cacc=final["clean"]["acc"], asr=final["asr"], asr_net=final["asr_net"]))  # None: undefined
     if name in DETECTORS:
         result["metrics"] = detect(name, net, tokenizer, dev, args.attack, runspec.attack_opts(args), args.max_len, frrs)
@@ -517,6 +535,15 @@ def run_defence(run_dir, name, frrs=FRRS, data_dir=None, expected=None):
         n = attacks.count(args.poison_rate, len(train_set)) if expected is None else expected
         result["metrics"], result["dropped"] = filter_rows(name, net, tokenizer, train_set, poisoned, args.max_len, n)
     return result
+
+
+def settings(name, frrs=FRRS):
+    """What a result of defence `name` was measured under: its SETTINGS, and for a detector the dev split's seed and
+    the FRRs. study/defend.py compares it, so a line measured otherwise is never skipped over as done."""
+    out = dict(SETTINGS[name])
+    if name in DETECTORS:
+        out.update(split_seed=SPLIT_SEED, frrs=list(frrs))
+    return out
 
 
 def summary(m):

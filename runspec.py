@@ -250,7 +250,7 @@ def identity(config):
     """What makes a run this run, on any machine: the completed configuration without machine paths."""
     cfg = {k: v for k, v in complete(config).items() if k != "data_dir"}
     cfg["model"] = model_name(cfg["model"])
-    if cfg.get("drop_rows"):  # a filter's file, named by defences' driver for its run and defence: the name counts
+    if cfg.get("drop_rows"):  # a filter's file, named by defences' driver for its run, filter and rows: the name counts
         cfg["drop_rows"] = os.path.basename(cfg["drop_rows"])
     return cfg
 

@@ -185,6 +185,28 @@ def test_a_clean_model_is_flagged_at_most_at_the_stated_frr(clean_model, tokeniz
         assert m[f"frr{frr:g}"]["frr"] <= mean + 3 * sd, (frr, m)
 
 
+def test_detect_fits_on_fit_sets_thresholds_on_calib_and_measures_on_test(monkeypatch, tokenizer, clean_model):
+    # a stub detector that records the rows it is fitted on and scores each row by a fixed value of its own: the
+    # thirds must be disjoint and each used in its role (fitting on calib or thresholding on fit or test fails here)
+    dev = [data.Example(f"{w} {i}", "", i % 2) for i, w in enumerate(FILLER * 6)]
+    value = {e.text_a: float(v) for e, v in zip(dev, torch.randperm(len(dev), generator=torch.Generator().manual_seed(0)))}
+    fitted = []
+
+    def stub(net, tokenizer, fit, max_len, target, **settings):
+        fitted.extend(fit)
+        return lambda examples: torch.tensor([value.get(e.text_a, -1.0) for e in examples])
+    monkeypatch.setitem(D.DETECTORS, "strip", stub)
+    m = D.detect("strip", clean_model, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
+    fit, calib, test = D.dev_split(dev)
+    assert fitted == fit and not {e.text_a for e in fit} & {e.text_a for e in calib + test}
+    assert {e.text_a for e in fit + calib + test} == {e.text_a for e in dev} and len(calib) == m["n_calib"]
+    for frr in D.FRRS:
+        calib_scores = sorted((value[e.text_a] for e in calib), reverse=True)
+        t = calib_scores[math.floor(frr * len(calib))]
+        assert m[f"frr{frr:g}"]["threshold"] == t
+        assert m[f"frr{frr:g}"]["frr"] == pytest.approx(sum(value[e.text_a] > t for e in test) / len(test))
+
+
 # -----------------------------------------------------------------------------
 # STRIP: each input's own copies
 
@@ -197,7 +219,7 @@ def test_strip_entropy_is_per_input_over_its_own_copies():
     p_of = {k: 0.5 ** k for k in lengths}
     probs = lambda copies: torch.tensor([[p_of[len(c.text_a.split())], 1 - p_of[len(c.text_a.split())]] for c in copies])
     entropy = lambda p: -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
-    scores = D.strip_scores(examples, donors, probs, n_copies=7)
+    scores = D.strip_scores(examples, donors, probs, n_copies=7, swap_ratio=0.5, seed=0)
     assert scores.tolist() == pytest.approx([-entropy(p_of[k]) for k in lengths])
 
 
@@ -210,7 +232,7 @@ def test_bki_counts_a_word_once_per_row(tokenizer):
     net.emb.word.weight.data[tokenizer.tok.token_to_id("good"), 0] = 3.0
     net.emb.word.weight.data[tokenizer.tok.token_to_id("bad"), 0] = 2.5
     rows = [data.Example("good the good", "", 1)] * 2 + [data.Example("bad the", "", 0)] * 3
-    keyword, scores = D.bki_keyword(net, tokenizer, rows, MAX_LEN)
+    keyword, scores = D.bki_keyword(net, tokenizer, rows, MAX_LEN, top_k=5)
     assert keyword == "bad"
     assert scores["good"] == pytest.approx(3.0 * math.log10(2)) and scores["bad"] == pytest.approx(2.5 * math.log10(3))
 
@@ -241,6 +263,26 @@ def test_dan_distance_is_the_closed_form_on_gaussian_data():
     # and fresh samples of a class are chi-square with 3 degrees of freedom from their own class: mean 3
     fresh = means[0] + torch.randn(20000, 3, generator=g, dtype=torch.float64) @ chol.T
     assert D.mahalanobis(fresh, fit_means[:1], precision).mean() == pytest.approx(3.0, rel=0.03)
+
+
+def test_dan_standardises_each_layer_to_unit_spread_on_rows_it_has_not_fitted():
+    # three "layers" of Gaussian data with different spectra, 80 dimensions, Gaussians fitted on 100 rows: standardised
+    # on 100 other clean rows, fresh clean rows' distances have mean 0 and sd 1 in every layer, so the mean over
+    # layers weighs them equally. Standardised on the fitted rows, whose distances are smaller, the layers' means
+    # come out at 22, 13 and 1.4 and their sds at 7.6, 5.0 and 1.7
+    g = torch.Generator().manual_seed(0)
+    d = 80
+    spectra = [torch.ones(d), 1.0 / torch.arange(1, d + 1), torch.exp(-torch.arange(d) / 5.0)]
+    labels = lambda n: torch.arange(n) % 2
+
+    def layers(n):
+        shift = torch.zeros(2, d, dtype=torch.float64)
+        shift[1, 0] = 3.0
+        return torch.stack([shift[labels(n)] + torch.randn(n, d, generator=g, dtype=torch.float64) * s.sqrt()
+                            for s in spectra])
+    fit, held, fresh = layers(100), layers(100), layers(4000)
+    z = D.dan_layers(fit, labels(100), held, shrink=0.1)(fresh)
+    assert z.mean(1).abs().max() < 0.3 and ((z.std(1) > 0.8) & (z.std(1) < 1.25)).all(), (z.mean(1), z.std(1))
 
 
 def test_dan_shrinkage_moves_the_covariance_towards_its_mean_variance():
@@ -436,6 +478,9 @@ def test_the_study_drivers_all_measures_then_retrains_each_filtered_set(tiny_run
     assert [x["metrics"]["defence"] for x in lines] == [*D.DETECTORS, *D.FILTERS]
     [(todo, jobs, results)] = started  # the source run was finished: only the retraining reached the runner
     assert jobs == 2 and results == str(out / "r.jsonl")
-    assert [name for name, _ in todo] == [os.path.join("defend", f"run-{f}") for f in D.FILTERS]
+    filters = lines[len(D.DETECTORS):]
+    assert [name for name, _ in todo] == [os.path.join("defend", os.path.splitext(os.path.basename(x["drop_rows"]))[0])
+                                          for x in filters]
+    assert all(os.path.basename(x["drop_rows"]).startswith(f"run-{f}-") for f, x in zip(D.FILTERS, filters))
     assert all(f[f.index("--drop-rows") + 1] == x["drop_rows"] for (_, f), x in zip(todo, lines[len(D.DETECTORS):]))
     assert "sources: 1 finished" in capsys.readouterr().err and (out / "defences.png").is_file()
