@@ -77,7 +77,7 @@ def verdict(e):
     """The pre-registered rule on the end-of-training net-ASR contrast FF - LoRA: delay if its interval lies within
     +-10 points, limit if it lies above +10, opposite if below -10 (LoRA ends the more backdoored)."""
     if e is None:
-        return "not run yet"
+        return effects.NO_INTERVAL
     if -MARGIN < e["lo"] and e["hi"] < MARGIN:
         return "delay"
     if e["lo"] > MARGIN:
@@ -112,9 +112,9 @@ def _mean(values):
 # output
 
 def markdown(res):
-    ci = lambda e: "not run yet" if e is None else stats.effect_text(e)
+    ci = lambda e: effects.NO_INTERVAL if e is None else stats.effect_text(e)
     gap = res["clean_gap"]["end"]
-    fit = "not run yet" if gap is None else ("reached" if abs(gap["mean"]) <= 1 else "not reached")
+    fit = effects.NO_INTERVAL if gap is None else ("reached" if abs(gap["mean"]) <= 1 else "not reached")
     lines = [f"# Delay or limit: SST-2, BPA 0.15%, {res['steps']:,} steps (three epochs) against the "
              f"{res['budget'] or '?'}-step budget", "",
              f"**Verdict (pre-registered): {res['verdict']}.** Net ASR FF - LoRA at the end: "

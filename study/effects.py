@@ -522,6 +522,7 @@ def follow_ups_markdown(found):
 # output
 
 SATURATED = f" (saturated: every run >= {CEILING:g}% ASR)"
+NO_INTERVAL = "no interval yet (under 2 paired seeds)"  # a cell whose contrast has fewer than 2 seeds: none run, or 1
 
 
 def seeds_for_reference(r):
@@ -568,7 +569,7 @@ def across_markdown(rows):
     table = across_tasks(rows)
     lines = ["| finding | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for title, cells in table.items():
-        text = [stats.effect_text(c) + (" (saturated)" if c["saturated"] else "") if c else "not run yet"
+        text = [stats.effect_text(c) + (" (saturated)" if c["saturated"] else "") if c else NO_INTERVAL
                 for c in (cells.get(t) for t in TASKS)]
         lines.append(f"| {title} | " + " | ".join(text) + " |")
     return "\n".join(lines)

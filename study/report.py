@@ -427,11 +427,11 @@ for _name in ("CL-BPA", "IL-BPA", "MT", "S-BPA"):
 
 
 def headline_cell(rows, finding, task, cond, what):
-    """'condition: effect [CI], n, verdict' of the one effects row that matches exactly; 'not run yet' if none."""
+    """'condition: effect [CI], n, verdict' of the one effects row that matches exactly; effects.NO_INTERVAL if none."""
     hits = [r for r in rows if (r["finding"], r["task"], r["condition"]) == (finding, task, cond)
             and (what is None or r["what"] == what)]
     if not hits:
-        return "not run yet"
+        return effects.NO_INTERVAL
     r = hits[0]
     need = effects.seeds_for_reference(r)
     return f"{cond.split(',')[0]}: {stats.effect_text(r, bold=True)}" + (effects.SATURATED if r["saturated"] else "") \
@@ -453,7 +453,7 @@ def delay_row(runs):
     """The delay-or-limit verdict's row of the verdicts table (study/delay.py's pre-registered rule)."""
     res = delay.delay_or_limit(runs)
     e = res and res["contrasts"][("end", "net ASR")]
-    cell = "not run yet" if not e else f"3 epochs: {stats.effect_text(e, res['verdict'], bold=True)}"
+    cell = effects.NO_INTERVAL if not e else f"3 epochs: {stats.effect_text(e, res['verdict'], bold=True)}"
     return ("Delay or limit: net ASR FF - LoRA after 3 epochs, BPA 0.15%", "-", cell)
 
 

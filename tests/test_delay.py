@@ -1,7 +1,7 @@
 """study/delay.py: the pre-registered delay-or-limit rule on hand-made three-epoch runs worked out by hand."""
 import pytest
 
-from study import delay
+from study import delay, effects
 
 BASE = dict(task="sst2", batch_size=16, max_len=64, lr=5e-4, rank=8, alpha=16.0, rslora=False, init="kaiming_uniform",
             init_scale=1 / 3, attack="none", poison_rate=0.0, curve_dev=256)
@@ -87,6 +87,6 @@ def test_the_verdicts_table_gets_the_delay_row():
     label, cpu, cell = report.delay_row(grid([0.95, 0.97, 0.93]))
     assert cpu == "-" and cell == "3 epochs: +5.0 [+0.0, +10.0], n=3, **delay**"
     short = [r for r in grid([0.9] * 3) if r["config"]["steps"] == 2500]
-    assert report.delay_row(short)[2] == "not run yet"
+    assert report.delay_row(short)[2] == effects.NO_INTERVAL
     calibration = [run(0, 5000, dict(FF, lr=lr), 0.88, curve=[(2500, None), (5000, None)]) for lr in (2e-5, 5e-5)]
-    assert report.delay_row(short + calibration)[2] == "not run yet"  # longer than the budget, but not three epochs
+    assert report.delay_row(short + calibration)[2] == effects.NO_INTERVAL  # longer than the budget, but not three epochs

@@ -123,7 +123,7 @@ def test_verdicts_table_cells():
     rows = effects.effects(upa_runs())
     cell = report.headline_cell(rows, "F1", "sst2", "UPA 0.3", None)
     assert cell == "UPA 0.3: +4.0 [+1.5, +6.5], n=3, **replicated**"  # 4 +- 4.303 / sqrt(3) = 4 +- 2.48
-    assert report.headline_cell(rows, "F2", "sst2", "BPA 1%", None) == "not run yet"
+    assert report.headline_cell(rows, "F2", "sst2", "BPA 1%", None) == effects.NO_INTERVAL
     table = report.verdicts({"cpu": rows})
     assert "| F1: UPA 0.3, LoRA's extra accuracy drop | UPA 0.3: +4.0" in table
     row = dict(finding="F1", task="sst2", condition="UPA 0.3", what="x", mean=-0.9, lo=-2.6, hi=0.9, n=5,
@@ -375,8 +375,8 @@ def test_across_tasks_puts_each_tasks_cell_in_its_column(tmp_path):
     rows = effects.effects(upa_runs() + [dict(r, config=dict(r["config"], task="qnli")) for r in upa_runs()[:8]])
     table = effects.across_markdown(rows)
     f1 = next(ln for ln in table.splitlines() if ln.startswith("| F1"))
-    assert f1.split(" | ")[1:] == ["+4.0 [+1.5, +6.5], n=3, replicated", "not run yet",
-                                   "+3.5 [-2.9, +9.9], n=2, inconclusive", "not run yet |"]
+    assert f1.split(" | ")[1:] == ["+4.0 [+1.5, +6.5], n=3, replicated", effects.NO_INTERVAL,
+                                   "+3.5 [-2.9, +9.9], n=2, inconclusive", effects.NO_INTERVAL + " |"]
     assert effects.draw_forest(rows, tmp_path / "forest.png") and (tmp_path / "forest.png").stat().st_size > 0
     assert not effects.draw_forest(effects.effects(upa_runs()), tmp_path / "one.png")  # one task: nothing to set beside
 
