@@ -157,11 +157,16 @@ def _bar(total, label, unit):
 
 def dev_split(dev, seed=SPLIT_SEED):
     """The clean dev rows cut into three seeded thirds (fit, calib, test), each in dev order."""
-    order = list(range(len(dev)))
-    random.Random(seed).shuffle(order)
     third = len(dev) // 3
-    parts = (order[:third], order[third:2 * third], order[2 * third:])
-    return tuple([dev[i] for i in sorted(part)] for part in parts)
+    return seeded_parts(dev, (third, 2 * third), seed)
+
+
+def seeded_parts(rows, cuts, seed):
+    """rows shuffled by `seed` and cut at the positions `cuts` into parts, each part in the rows' own order."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    bounds = (0, *cuts, len(rows))
+    return tuple([rows[i] for i in sorted(order[a:b])] for a, b in zip(bounds, bounds[1:]))
 
 
 # -----------------------------------------------------------------------------
@@ -304,10 +309,7 @@ def dan_layers(states, labels, held, shrink):
 
 
 def dan_detector(net, tokenizer, fit, max_len, target, shrink, held_out, seed):
-    order = list(range(len(fit)))
-    random.Random(seed).shuffle(order)
-    n_held = round(held_out * len(fit))
-    gauss, held = ([fit[i] for i in sorted(part)] for part in (order[n_held:], order[:n_held]))
+    held, gauss = seeded_parts(fit, (round(held_out * len(fit)),), seed)
     states = lambda examples: outputs(net, examples, tokenizer, max_len, LAYERS)[1].double()
     layers = dan_layers(states(gauss), [e.label for e in gauss], states(held), shrink)
     return lambda examples: layers(states(examples)).mean(0)
@@ -355,11 +357,11 @@ def _share(mask):
 # -----------------------------------------------------------------------------
 # a detector on a model and its clean dev set
 
-def detect(name, net, tokenizer, dev, attack, attack_opts, max_len, frrs=FRRS, seed=SPLIT_SEED):
+def detect(name, net, tokenizer, dev, attack, attack_opts, max_len, frrs=FRRS):
     """One detector measured: fitted on the fit third, thresholds on the calib third, measured on the test third
     (clean) and its non-target rows triggered. Returns the metrics as a JSON-ready dict."""
     target = attack_opts.get("target", 1)
-    fit, calib, test = dev_split(dev, seed)
+    fit, calib, test = dev_split(dev)
     triggered = attacks.triggered_dev(attack, test, **attack_opts)
     score = DETECTORS[name](net, tokenizer, fit, max_len, target, **SETTINGS[name])
     s_calib, s_clean, s_trig = score(calib), score(test), score(triggered)

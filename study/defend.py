@@ -86,8 +86,9 @@ def measure(stage, runs, names, results, drops, data_dir):
         if not finished(folder):
             print(f"skipped (not finished; `python -m study.defend sources` trains it): {folder}", file=sys.stderr)
             continue
+        key = runspec.run_key(_config(folder))
         for name in names:
-            if (runspec.run_key(_config(folder)), name) in seen:
+            if (key, name) in seen:
                 continue
             result = defences.run_defence(folder, name, data_dir=data_dir)
             if "dropped" in result:
@@ -110,8 +111,9 @@ def retrain_plan(runs, results, retrained):
     lines = measured(results)
     plan = []
     for folder, flags in runs:
+        key = runspec.run_key(_config(folder)) if finished(folder) else None
         for name in defences.FILTERS:
-            line = lines.get((runspec.run_key(_config(folder)), name)) if finished(folder) else None
+            line = lines.get((key, name))
             if line is None:
                 continue
             retrain = flags + ["--drop-rows", line["drop_rows"]]
@@ -190,7 +192,7 @@ def contrasts(lines, after):
 
 
 def _contrast(by, name, rate, what, value, unit, spec):
-    seeds = _paired_seeds(by, name, rate)
+    seeds = sorted(s for (n, r, mode, s) in by if (n, r, mode) == (name, rate, "ff") and (name, r, "lora", s) in by)
     if not seeds:
         return None
     ff = [value(by[(name, rate, "ff", s)]) for s in seeds]
@@ -204,18 +206,14 @@ def _contrast(by, name, rate, what, value, unit, spec):
     return what, name, rate, e
 
 
-def _paired_seeds(by, name, rate):
-    return sorted(s for (n, r, mode, s) in by if (n, r, mode) == (name, rate, "ff") and (name, r, "lora", s) in by)
-
-
 def markdown(rows):
     out = ["| contrast (FF - LoRA) | defence | BPA rate | mean [95% CI] | n of the registered | verdict |",
            "|---|---|---|---|---|---|"]
     for what, name, rate, e in rows:
         note = effects.SATURATED if e["saturated"] else \
             f" (about {e['seeds_needed']} seeds for this mean)" if e["seeds_needed"] else ""
-        out.append(f"| {what} | {name} | {rate:.2%} | {100 * e['mean']:+.1f} [{100 * e['lo']:+.1f}, {100 * e['hi']:+.1f}]"
-                   f" | {e['n']} of {e['registered']} | {e['verdict']}{note} |")
+        out.append(f"| {what} | {name} | {rate:.2%} | {stats.interval_text(e, 100)} | {e['n']} of {e['registered']} | "
+                   f"{e['verdict']}{note} |")
     return "\n".join(out)
 
 

@@ -381,7 +381,7 @@ def zoo_table(measured, targets, rows):
             v = values[t["label"]]
             e = paired.get((init + t["paired"][0], t["paired"][1]))
             cells.append((f"{stats.spread_text(*stats.mean_std(v), len(v))} (n={len(v)})" if v else "-")
-                         + (f"; {e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}]" if e else ""))
+                         + ("; " + stats.interval_text(e) if e else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -45,7 +45,12 @@ def spread_text(mean, sd, n, spec=".1f"):
 def effect_text(e, verdict=None, bold=False):
     """An effect (from `effect`) as text: 'mean [lo, hi], n=N, verdict' in points to one decimal."""
     v = verdict or e["verdict"]
-    return f"{e['mean']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}], n={e['n']}, " + (f"**{v}**" if bold else v)
+    return f"{interval_text(e)}, n={e['n']}, " + (f"**{v}**" if bold else v)
+
+
+def interval_text(e, scale=1):
+    """'mean [lo, hi]' of an effect, signed, to one decimal, each multiplied by `scale` (100: shares as points)."""
+    return f"{scale * e['mean']:+.1f} [{scale * e['lo']:+.1f}, {scale * e['hi']:+.1f}]"
 
 
 def effect(diffs, paper_sign=1, delta=0.0, level=0.95):
