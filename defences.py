@@ -155,10 +155,10 @@ def _bar(total, label, unit):
     return tqdm(total=total, desc=label, unit=unit, disable=label is None, dynamic_ncols=True, leave=False)
 
 
-def dev_split(dev, seed=SPLIT_SEED):
-    """The clean dev rows cut into three seeded thirds (fit, calib, test), each in dev order."""
+def dev_split(dev):
+    """The clean dev rows cut into three thirds seeded by SPLIT_SEED (fit, calib, test), each in dev order."""
     third = len(dev) // 3
-    return seeded_parts(dev, (third, 2 * third), seed)
+    return seeded_parts(dev, (third, 2 * third), SPLIT_SEED)
 
 
 def seeded_parts(rows, cuts, seed):

@@ -111,7 +111,9 @@ def retrain_plan(runs, results, retrained):
     lines = measured(results)
     plan = []
     for folder, flags in runs:
-        key = runspec.run_key(_config(folder)) if finished(folder) else None
+        if not finished(folder):
+            continue
+        key = runspec.run_key(_config(folder))
         for name in defences.FILTERS:
             line = lines.get((key, name))
             if line is None:
@@ -192,7 +194,7 @@ def contrasts(lines, after):
 
 
 def _contrast(by, name, rate, what, value, unit, spec):
-    seeds = sorted(s for (n, r, mode, s) in by if (n, r, mode) == (name, rate, "ff") and (name, r, "lora", s) in by)
+    seeds = sorted(s for (n, r, mode, s) in by if (n, r, mode) == (name, rate, "ff") and (name, rate, "lora", s) in by)
     if not seeds:
         return None
     ff = [value(by[(name, rate, "ff", s)]) for s in seeds]
