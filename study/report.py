@@ -417,6 +417,9 @@ def task_headlines(task, name):
 
 for _task, _name in (("cola", "CoLA"), ("qnli", "QNLI"), ("qqp", "QQP")):
     HEADLINES.update(task_headlines(_task, _name))
+# the saturation follow-up the ceiling rule called for on QNLI (both modes >= 90% ASR at both rates, seeds 0-2)
+for _what in ("ASR FF - LoRA", "net ASR FF - LoRA"):
+    HEADLINES[f"F2 on QNLI: {_what}, BPA 0.05% (follow-up)"] = {"conv": ("F2", "qnli", "BPA 0.05%", _what)}
 # Tab. E.1's four backdoors on SST-2: `cpu` ran them at 1%, `conv` at the paper's BPA rates (issue 24)
 for _name in ("CL-BPA", "IL-BPA", "MT", "S-BPA"):
     for _what in ("ASR FF - LoRA", "net ASR FF - LoRA"):

@@ -81,8 +81,10 @@ PROTOCOLS = {
                  epochs3=dict(steps=12628, curve_points=16),
                  e1=("clbpa", "ilbpa", "mt", "sbpa"),  # Tab. E.1's backdoors, each from its own pool of rows
                  # (task, attack, rate) of each saturation follow-up that effects.follow_ups reports (results/REPORT.md
-                 # states the rules), entered here by hand once it does, as the budgets above: FF and LoRA r8, 5 seeds
-                 follow_ups=()),
+                 # states the rules), entered here by hand once it does, as the budgets above: FF and LoRA r8, 5 seeds.
+                 # QNLI BPA 0.05%: entered 2026-12-02, when seed 2's FF 0.45% run put all twelve of seeds 0-2's BPA
+                 # runs at >= 90% ASR (the ceiling rule), before any run at 0.05%
+                 follow_ups=(("qnli", "bpa", 0.0005),)),
 }
 # `conv-bf16`: the numerics check of bf16 autocast (results/REPORT.md, "bf16 against fp32"): F1/F2's clean, UPA 0.3
 # and BPA 0.15% cells of `conv` again with --dtype bf16, in a results file of their own

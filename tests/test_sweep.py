@@ -170,6 +170,7 @@ def test_follow_ups_run_last_once_entered(stub_glue, tmp_path, capsys, monkeypat
     argv = ["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"), "--runs-dir",
             str(tmp_path / "runs")]
     stage = lambda ln: ln.split(str(tmp_path / "runs") + "/")[1].split("/")[0]
+    monkeypatch.setitem(sweep.PROTOCOLS["conv"], "follow_ups", ())
     sweep.main(argv)
     assert "follow" not in {stage(ln) for ln in capsys.readouterr().out.splitlines()}
     monkeypatch.setitem(sweep.PROTOCOLS["conv"], "follow_ups", (("qqp", "bpa", 0.0005), ("sst2", "mt", 0.015)))
