@@ -116,7 +116,7 @@ def markdown(res):
     gap = res["clean_gap"]["end"]
     fit = effects.NO_INTERVAL if gap is None else ("reached" if abs(gap["mean"]) <= 1 else "not reached")
     lines = [f"# Delay or limit: SST-2, BPA 0.15%, {res['steps']:,} steps (three epochs) against the "
-             f"{res['budget'] or '?'}-step budget", "",
+             f"{format(res['budget'], ',') if res['budget'] else '?'}-step budget", "",
              f"**Verdict (pre-registered): {res['verdict']}.** Net ASR FF - LoRA at the end: "
              f"{ci(res['contrasts'][('end', 'net ASR')])} (delay: the interval within +-{MARGIN:g}; limit: its lower "
              f"end above {MARGIN:g}; opposite: its upper end below -{MARGIN:g}).", "",

@@ -144,9 +144,14 @@ def _budgets(runs):
             for task in {r["config"]["task"] for r in runs}}
 
 
-def _budget_groups(runs):
+def at_budget(runs):
+    """The runs at their task's grid budget: runs of another length (the three-epoch runs) left out."""
     budget = _budgets(runs)
-    return [g for g in _groups(runs) if g[0]["config"]["steps"] == budget[g[0]["config"]["task"]]]
+    return [r for r in runs if r["config"]["steps"] == budget[r["config"]["task"]]]
+
+
+def _budget_groups(runs):
+    return _groups(at_budget(runs))
 
 
 def _rates(group, attack):

@@ -45,7 +45,7 @@ def group_runs(runs):
 # -----------------------------------------------------------------------------
 # the table of every setting
 
-TABLE_KEYS = ["task", "mode", "rank", "rslora", "init", "init_scale", "attack", "poison_rate"]
+TABLE_KEYS = ["task", "steps", "mode", "rank", "rslora", "init", "init_scale", "attack", "poison_rate"]
 TABLE_METRICS = ["clean_acc", "clean_precision", "clean_recall", "clean_f1", "asr", "trig_acc"]
 
 
@@ -265,20 +265,24 @@ def write_text(out_dir, name, text):
 
 
 def write_report(runs, out_dir):
-    """The whole report of `runs` into out_dir: table.md, findings.md, tables.md and the figures (the paper's layouts
-    leave out a protocol's calibration runs, which have their own calib-<task>.md/png). The paper's layouts are per
-    task: with several tasks, findings.md and tables.md have a section per task and the figures are fig1-<task>.png.
+    """The whole report of `runs` into out_dir: table.md (every setting, its steps a column), findings.md, tables.md
+    and the figures. The paper's layouts (findings, tables, figures) show each task's grid budget: they leave out a
+    protocol's calibration runs, which have their own calib-<task>.md/png, and runs of another length (the three-epoch
+    runs: effects.md labels their rows with their steps, delay.md reads them). They are per task: with several
+    tasks, findings.md and tables.md have a section per task and the figures are fig1-<task>.png.
     Returns the init zoo's summary for REPORT.md where the runs hold the zoo, else None."""
     all_runs, runs = runs, [r for r in runs if not calibrate.is_calibration(r)]
     os.makedirs(out_dir, exist_ok=True)
+    grid = effects.at_budget(runs)
     groups = group_runs(runs)
     counts = Counter(r["config"]["task"] for r in runs)
     tasks = sorted(counts, key=lambda t: (-counts[t], t))  # the protocol's main task (most runs) first
     found, tables = [], []
     for task in tasks:
         head, suffix = (f"## {task}\n\n", f"-{task}") if len(tasks) > 1 else ("", "")
-        found.append(head + findings([r for r in runs if r["config"]["task"] == task]))
-        pieces = with_runs({k: ms for k, ms in groups.items() if json.loads(k)["task"] == task})
+        found.append(head + findings([r for r in grid if r["config"]["task"] == task])
+                     + _other_lengths([r for r in runs if r["config"]["task"] == task], grid))
+        pieces = with_runs({k: ms for k, ms in group_runs(grid).items() if json.loads(k)["task"] == task})
         tables.append(head + numbers(pieces))
         for name, (spec, d) in pieces.items():
             if name in FIGURE_SPECS:
@@ -292,6 +296,17 @@ def write_report(runs, out_dir):
                + "\n\n".join(tables))
     write_calibration(all_runs, out_dir)
     return write_effects(runs, out_dir)
+
+
+def _other_lengths(runs, grid):
+    """findings.md's note of the runs it leaves out for their length ('' where there are none)."""
+    shown = {id(r) for r in grid}
+    other = Counter(r["config"]["steps"] for r in runs if id(r) not in shown)
+    if not other:
+        return ""
+    return ("\nLeft out above for their length (not the grid's budget): "
+            + ", ".join(f"{n} run{'s' * (n > 1)} of {steps:,} steps" for steps, n in sorted(other.items()))
+            + " (effects.md labels their rows with their steps; delay.md reads the three-epoch runs).")
 
 
 ACROSS_HEAD = """# F1 and F2 across tasks

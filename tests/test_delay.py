@@ -12,7 +12,7 @@ LORA = dict(mode="lora")
 def run(seed, steps, mode, acc, asr=None, curve=(), **attack):
     metrics = {"clean": {"acc": acc}}
     if asr is not None:
-        metrics.update(asr=asr, asr_net=asr)
+        metrics.update(asr=asr, asr_net=asr, triggered={"acc": 1 - asr})
     points = [dict(samples=16 * s, poisoned_seen=s // 10, acc=acc, **({"asr_net": a} if a is not None else {}))
               for s, a in curve] or [dict(samples=16 * steps, poisoned_seen=0, acc=acc)]
     return {"config": {**BASE, **mode, **attack, "steps": steps, "eval_every": steps // 8, "seed": seed},
@@ -90,3 +90,16 @@ def test_the_verdicts_table_gets_the_delay_row():
     assert report.delay_row(short)[2] == effects.NO_INTERVAL
     calibration = [run(0, 5000, dict(FF, lr=lr), 0.88, curve=[(2500, None), (5000, None)]) for lr in (2e-5, 5e-5)]
     assert report.delay_row(short + calibration)[2] == effects.NO_INTERVAL  # longer than the budget, but not three epochs
+
+
+def test_the_paper_layouts_show_the_grid_budget_and_table_md_every_length(tmp_path):
+    """The three-epoch runs repeat the grid's settings at another length: the findings and the figures' numbers read
+    the 2,500-step runs alone (FF 80% - LoRA 10% ASR in every seed, by construction), table.md lists both lengths."""
+    from study import report
+    report.write_report(grid([0.95, 0.97, 0.93]), str(tmp_path))
+    findings = (tmp_path / "findings.md").read_text()
+    assert "- bpa rate 0.0015: +70.00 ± 0.00 (n=3)" in findings  # with the 12,628-step runs: +5 (100 - 95, ...)
+    assert "Left out above for their length (not the grid's budget): 18 runs of 12,628 steps" in findings
+    assert "| 0.0015 | 80.0 ± 0.0 (3) | 10.0 ± 0.0 (3) |" in (tmp_path / "tables.md").read_text()
+    rows = [ln.split(" | ")[1] for ln in (tmp_path / "table.md").read_text().splitlines()[2:]]
+    assert rows.count("2500") == 6 and rows.count("12628") == 6  # FF/LoRA x {clean, UPA, BPA} at each length
