@@ -274,7 +274,7 @@ def write_report(runs, out_dir):
     all_runs, runs = runs, [r for r in runs if not calibrate.is_calibration(r)]
     os.makedirs(out_dir, exist_ok=True)
     grid = effects.at_budget(runs)
-    groups = group_runs(runs)
+    groups, grid_groups = group_runs(runs), group_runs(grid)
     counts = Counter(r["config"]["task"] for r in runs)
     tasks = sorted(counts, key=lambda t: (-counts[t], t))  # the protocol's main task (most runs) first
     found, tables = [], []
@@ -282,7 +282,7 @@ def write_report(runs, out_dir):
         head, suffix = (f"## {task}\n\n", f"-{task}") if len(tasks) > 1 else ("", "")
         found.append(head + findings([r for r in grid if r["config"]["task"] == task])
                      + _other_lengths([r for r in runs if r["config"]["task"] == task], grid))
-        pieces = with_runs({k: ms for k, ms in group_runs(grid).items() if json.loads(k)["task"] == task})
+        pieces = with_runs({k: ms for k, ms in grid_groups.items() if json.loads(k)["task"] == task})
         tables.append(head + numbers(pieces))
         for name, (spec, d) in pieces.items():
             if name in FIGURE_SPECS:
