@@ -150,10 +150,6 @@ def at_budget(runs):
     return [r for r in runs if r["config"]["steps"] == budget[r["config"]["task"]]]
 
 
-def _budget_groups(runs):
-    return _groups(at_budget(runs))
-
-
 def _rates(group, attack):
     return sorted({r["config"]["poison_rate"] for r in group if r["config"]["attack"] == attack})
 
@@ -492,7 +488,7 @@ def follow_ups(runs):
     """(task, backdoor, 'ceiling' or 'floor', the rate to add) for each rule these runs trigger, at each task's step
     budget (the grid's, not the three-epoch runs')."""
     out = []
-    for group in _budget_groups(runs):
+    for group in _groups(at_budget(runs)):
         task = group[0]["config"]["task"]
         for (attack, t), kinds in FOLLOW_UP_RULES.items():
             if t != task:

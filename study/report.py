@@ -280,8 +280,9 @@ def write_report(runs, out_dir):
     found, tables = [], []
     for task in tasks:
         head, suffix = (f"## {task}\n\n", f"-{task}") if len(tasks) > 1 else ("", "")
-        found.append(head + findings([r for r in grid if r["config"]["task"] == task])
-                     + _other_lengths([r for r in runs if r["config"]["task"] == task], grid))
+        task_grid = [r for r in grid if r["config"]["task"] == task]
+        found.append(head + findings(task_grid) + _other_lengths([r for r in runs if r["config"]["task"] == task],
+                                                                 task_grid))
         pieces = with_runs({k: ms for k, ms in grid_groups.items() if json.loads(k)["task"] == task})
         tables.append(head + numbers(pieces))
         for name, (spec, d) in pieces.items():
@@ -300,8 +301,7 @@ def write_report(runs, out_dir):
 
 def _other_lengths(runs, grid):
     """findings.md's note of the runs it leaves out for their length ('' where there are none)."""
-    shown = {id(r) for r in grid}
-    other = Counter(r["config"]["steps"] for r in runs if id(r) not in shown)
+    other = Counter(r["config"]["steps"] for r in runs) - Counter(r["config"]["steps"] for r in grid)
     if not other:
         return ""
     return ("\nLeft out above for their length (not the grid's budget): "
