@@ -5,6 +5,7 @@ Run the paper's experiment grids as resumable sweeps of train.py.
     python -m study.sweep all --protocol cpu           # every grid, cheapest points first
     python -m study.sweep fig4 --protocol paper --print  # one torchrun command per pending run (Slurm arrays etc.)
     python -m study.sweep all --protocol conv --jobs 2 --estimate  # the pending runs' cost, from the finished runs' speed
+    python -m study.sweep all --protocol conv --jobs 2 --until 15:45  # start only the runs estimated to end by then
     python -m study.sweep fig3                         # the Eq. 18 heatmap (no training)
 
 A run is known by runspec.run_key (its configuration, with machine-specific paths reduced to names): one whose line
@@ -12,6 +13,7 @@ is already in the results JSONL is skipped, so a sweep can be stopped at any poi
 files from several machines merge by concatenation. An interrupted run is resumed from its checkpoint. Only one
 sweep at a time may run in a runs folder, and each run folder is one trainer's own (train.py's lock).
 """
+import datetime
 import os
 import signal
 import subprocess
@@ -268,6 +270,8 @@ def main(argv=None):
                                                             "finished runs' seconds per step) and exit")
     ap.add_argument("--limit", type=int, default=None, help="run at most N pending runs, then stop")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (threads are split between them)")
+    ap.add_argument("--until", default=None, help="HH:MM or YYYY-MM-DDTHH:MM (local time): start a run only if "
+                                                  "its upper estimate (UNTIL_RECENT) says it ends by then")
     args = ap.parse_args(argv)
     if args.figure == "fig3":
         out = os.path.join(ROOT, "results", args.protocol)
@@ -305,8 +309,11 @@ def main(argv=None):
             print(" ".join(["torchrun", "--nproc_per_node", "1", "train.py", *flags, "--out", out, "--results", results,
                             "--resume", "auto"]))
         return
+    pending = pending[:args.limit]
     if pending:
-        run_all(pending[:args.limit], args.jobs, runs_dir, results)
+        deadline = None if args.until is None else \
+            (until_time(args.until), dict(zip([n for n, _ in pending], costs(pending, upper_speeds(finished)))))
+        run_all(pending, args.jobs, runs_dir, results, deadline)
 
 
 def check_args(args):
@@ -335,7 +342,26 @@ def check_args(args):
     runs_dir = args.runs_dir or os.path.join(ROOT, "runs", args.protocol)
     cli.check_file_path(results, "--results")
     cli.check_folder_path(runs_dir, "--runs-dir")
+    if args.until is not None:
+        until_time(args.until)
     return p, stages, figures, results, runs_dir
+
+
+def until_time(text, now=None):
+    """--until as epoch seconds: HH:MM is its next occurrence (today, or tomorrow if it has passed), an ISO date and
+    time is itself and must lie ahead."""
+    now = now or datetime.datetime.now()
+    try:
+        if "T" in text:
+            when = datetime.datetime.fromisoformat(text)
+        else:
+            when = datetime.datetime.combine(now.date(), datetime.time.fromisoformat(text))
+            when += datetime.timedelta(days=1) if when <= now else datetime.timedelta(0)
+    except ValueError:
+        raise cli.UsageError(f"--until {text!r}: give a local time as HH:MM or YYYY-MM-DDTHH:MM") from None
+    if when <= now:
+        raise cli.UsageError(f"--until {text}: that time has passed")
+    return when.timestamp()
 
 
 def speed_keys(c):
@@ -343,22 +369,49 @@ def speed_keys(c):
     return ([(c["task"], "lora", c["rank"], c["init"])] if c["mode"] == "lora" else []) + [(c["task"], c["mode"])]
 
 
-def estimate(pending, finished, jobs):
-    """The pending runs' cost, per figure: each run's steps times the seconds per step that the finished runs of its
-    most specific speed key took (their wall_s, measured as the sweep ran them: `jobs` side by side), then the
-    total and its wall-clock hours at `jobs` runs at a time. Runs with no finished run to go by are counted apart."""
-    per_key = {}
+def _timings(finished):
+    """{speed key: [(wall_s, steps) of each finished run of that key, in file order]}. wall_s is the run's training
+    time, measured as the sweep ran it (`jobs` side by side); the final evaluation is not in it."""
+    out = {}
     for r in finished:
         c = runspec.complete(r["config"])
         if r.get("wall_s"):
             for key in speed_keys(c):
-                seconds, steps = per_key.get(key, (0.0, 0))
-                per_key[key] = (seconds + r["wall_s"], steps + c["steps"])
-    groups = []  # consecutive pending runs of one figure folder, in run order: [(folder, [cost or None])]
-    for name, flags in pending:
+                out.setdefault(key, []).append((r["wall_s"], c["steps"]))
+    return out
+
+
+def speeds(finished):
+    """{speed key: seconds per step}, pooled over the key's finished runs."""
+    return {key: sum(w for w, _ in v) / sum(n for _, n in v) for key, v in _timings(finished).items()}
+
+
+# --until goes by an upper estimate, the slowest of a key's latest finished runs, so that it follows the machine's
+# present load (SST-2's FF runs: 0.27 s a step pooled; its first three-epoch run took 0.37)
+UNTIL_RECENT = 5
+
+
+def upper_speeds(finished):
+    """{speed key: seconds per step}: the slowest of the key's UNTIL_RECENT latest finished runs."""
+    return {key: max(w / n for w, n in v[-UNTIL_RECENT:]) for key, v in _timings(finished).items()}
+
+
+def costs(pending, per_key):
+    """Each pending run's estimated seconds: its steps times its most specific key's seconds per step (None when no
+    finished run has its key). A run resumed from a checkpoint is costed whole."""
+    out = []
+    for _, flags in pending:
         c = resolve(flags)
         known = [per_key[k] for k in speed_keys(c) if k in per_key]
-        cost = c["steps"] * known[0][0] / known[0][1] if known else None
+        out.append(c["steps"] * known[0] if known else None)
+    return out
+
+
+def estimate(pending, finished, jobs):
+    """The pending runs' cost, per figure (costs with the pooled speeds), then the total and its wall-clock hours at
+    `jobs` runs at a time. Runs with no finished run to go by are counted apart."""
+    groups = []  # consecutive pending runs of one figure folder, in run order: [(folder, [cost or None])]
+    for (name, _), cost in zip(pending, costs(pending, speeds(finished))):
         folder = name.split(os.sep)[0]
         if not groups or groups[-1][0] != folder:
             groups.append((folder, []))
@@ -366,25 +419,28 @@ def estimate(pending, finished, jobs):
     lines = [f"estimated from {len(finished)} finished runs' seconds per step (task, mode; LoRA also rank and init), "
              f"in run order, with when each part would be in at --jobs {jobs}:"]
     total = 0.0
-    for figure, costs in groups:
-        known = [c for c in costs if c is not None]
+    for figure, group in groups:
+        known = [c for c in group if c is not None]
         total += sum(known)
-        lines.append(f"  {figure:<12} {len(costs):>4} runs {sum(known):>10,.0f} run-s, in after about "
-                     f"{total / jobs / 3600:.1f} h" + (f" ({len(costs) - len(known)} with no finished run to go by)"
-                                                      if len(known) < len(costs) else ""))
+        lines.append(f"  {figure:<12} {len(group):>4} runs {sum(known):>10,.0f} run-s, in after about "
+                     f"{total / jobs / 3600:.1f} h" + (f" ({len(group) - len(known)} with no finished run to go by)"
+                                                      if len(known) < len(group) else ""))
     lines.append(f"  {'total':<12} {len(pending):>4} runs {total:>10,.0f} run-s: about "
                  f"{total / jobs / 3600:.1f} h of wall time at --jobs {jobs}")
     return lines
 
 
-def run_all(pending, jobs, runs_dir, results):
+def run_all(pending, jobs, runs_dir, results, deadline=None):
     """Run train.py for each pending (name, flags), `jobs` at a time, threads split between them; a log per run.
     SIGTERM or SIGINT to the sweep goes on to the running runs, which checkpoint and stop (train.py); none starts
     after it, and the sweep exits 128 + the signal's number once they have. A run that fails (a divergence, a kill)
-    leaves no results line; the next invocation resumes it from its checkpoint."""
+    leaves no results line; the next invocation resumes it from its checkpoint.
+    deadline: None, or (epoch seconds, {name: estimated seconds or None}): a run starts only if its estimate ends by
+    then, in run order, later (shorter) runs filling in behind one that would not; a run with no estimate does not
+    start. The runs left are named at the end, and the sweep exits 0: the next invocation starts them."""
     from tqdm import tqdm
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    procs, failed, stopping = {}, [], []
+    procs, failed, stopping, late = {}, [], [], []
 
     def forward(signum, frame):
         stopping.append(signum)
@@ -396,6 +452,10 @@ def run_all(pending, jobs, runs_dir, results):
     while (todo and not stopping) or procs:
         while todo and not stopping and len(procs) < jobs:
             name, flags = todo.pop(0)
+            if deadline and not _fits(deadline, name):
+                late.append(name)
+                bar.update(1)
+                continue
             out = os.path.join(runs_dir, name)
             resume = ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else ["--overwrite"]
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out, "--results", results, *resume]
@@ -419,6 +479,10 @@ def run_all(pending, jobs, runs_dir, results):
     for s, handler in old.items():
         signal.signal(s, handler)
     bar.close()
+    if late:
+        print(f"--until: {len(late)} runs not started, their estimate ends after "
+              f"{datetime.datetime.fromtimestamp(deadline[0]):%Y-%m-%d %H:%M} or is unknown (no finished run of "
+              f"their kind); the same command starts them: {', '.join(late)}", file=sys.stderr)
     if stopping:
         print(f"error: the sweep stopped on {signal.Signals(stopping[0]).name}: the running runs checkpointed, "
               f"{len(todo)} not started; run the same command again to continue", file=sys.stderr)
@@ -426,6 +490,11 @@ def run_all(pending, jobs, runs_dir, results):
     if failed:
         print(f"error: {len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _fits(deadline, name):
+    until, cost = deadline[0], deadline[1].get(name)
+    return cost is not None and time.time() + cost <= until
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """study/sweep.py (grids, resumability, keys)."""
+import datetime
 import json
 import math
+import os
+import time
 
 import pytest
 
-from study import report
+import cli
 import runspec
-from study import sweep
+from study import report, sweep
 
 
 def test_grids_have_the_paper_shape():
@@ -184,3 +187,44 @@ def test_follow_ups_run_last_once_entered(stub_glue, tmp_path, capsys, monkeypat
     mt = [ln for ln in follow if "--task sst2" in ln]
     assert len(mt) == 10 and all("--attack mt --poison-rate 0.015" in ln and "--poison-pool" not in ln for ln in mt)
     assert {ln.count("--mode ff") for ln in mt} == {0, 1} and sum("--mode ff" in ln for ln in mt) == 5
+
+
+def test_until_takes_the_next_occurrence_of_a_clock_time_and_refuses_the_past():
+    now = datetime.datetime(2026, 12, 2, 15, 0)
+    assert sweep.until_time("15:45", now) == datetime.datetime(2026, 12, 2, 15, 45).timestamp()
+    assert sweep.until_time("09:00", now) == datetime.datetime(2026, 12, 3, 9, 0).timestamp()  # tomorrow's
+    assert sweep.until_time("2026-12-04T01:30", now) == datetime.datetime(2026, 12, 4, 1, 30).timestamp()
+    for bad, says in (("2026-12-01T10:00", "has passed"), ("25:00", "HH:MM"), ("soon", "HH:MM")):
+        with pytest.raises(cli.UsageError, match=says):
+            sweep.until_time(bad, now)
+
+
+def test_until_costs_a_run_by_the_slowest_of_its_kinds_latest_runs(stub_glue):
+    flags = lambda mode, steps, seed: ["--task", "sst2", "--mode", mode, "--steps", str(steps), "--seed", str(seed)]
+    # seconds a step of seven FF runs, in file order: the slowest of the latest five (2.0) counts, not the 9.0 before
+    per_step = [9.0, 1.0, 1.0, 2.0, 1.0, 1.5, 1.0]
+    finished = [{"config": sweep.resolve(flags("ff", 100, s)), "wall_s": 100 * v} for s, v in enumerate(per_step)]
+    pending = [("a", flags("ff", 300, 9)), ("b", flags("lora", 300, 9))]
+    assert sweep.costs(pending, sweep.upper_speeds(finished)) == [600.0, None]  # 300 steps x 2.0; no LoRA run yet
+    assert sweep.costs(pending, sweep.speeds(finished))[0] == pytest.approx(300 * sum(per_step) / 7)
+
+
+def test_a_sweep_until_a_time_starts_only_the_runs_estimated_to_end_by_then(tmp_path, monkeypatch, capsys):
+    started = []
+
+    class Done:  # a train.py that has already finished: the scheduler's view of it
+        returncode = 0
+
+        def __init__(self, cmd, stdout, **kw):
+            started.append(os.path.basename(cmd[cmd.index("--out") + 1]))
+            stdout.write("done\n")
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(sweep.subprocess, "Popen", Done)
+    pending = [(name, ["--seed", "0"]) for name in ("a", "b", "c", "d", "e")]
+    costs = {"a": 50.0, "b": 5000.0, "c": 10.0, "d": None, "e": 3000.0}  # d: no finished run of its kind
+    sweep.run_all(pending, 2, str(tmp_path), str(tmp_path / "r.jsonl"), (time.time() + 3600, costs))
+    assert started == ["a", "c", "e"]  # b would end after the hour; c and e fill in behind it
+    err = capsys.readouterr().err
+    assert "--until: 2 runs not started" in err and err.rstrip().endswith("b, d")
