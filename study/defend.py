@@ -3,9 +3,10 @@ The defences experiment (issue 26) on the converged protocol's BPA runs (the `f1
 detector and filter of defences.py on each run, one results line per (run, defence), then training again on each
 filtered training set. Pre-registration: results/REPORT.md, "Defences x LoRA/FF".
 
-    python -m study.defend all --jobs 2       # everything below in order, resumable: the one background command
-    python -m study.defend plan               # the source runs, whether each is finished, train.py lines for the rest
-    python -m study.defend sources --jobs 2   # train the source runs not at hand; check they reproduce results/conv
+    python -m study.defend all --jobs 2       # everything below, resumable: the one background command
+    python -m study.defend all --jobs 2 --until 18:00  # start only what is estimated to end by 18:00
+    python -m study.defend plan               # the source runs that owe a defence, train.py lines for those not at hand
+    python -m study.defend sources --jobs 2   # train them; check they reproduce results/conv
     python -m study.defend detect             # STRIP, RAP, DAN: BPA 0.15% and 0.45%, FF and LoRA r8, seeds 0-4
     python -m study.defend filter             # spectral, AC, BKI: BPA 0.45%, seeds 0-2; writes the drop files
     python -m study.defend retrain --jobs 2   # train.py --drop-rows on each filtered set (--print: the commands)
@@ -13,20 +14,24 @@ filtered training set. Pre-registration: results/REPORT.md, "Defences x LoRA/FF"
     python -m study.defend figure             # ASR before and after each defence, FF and LoRA: defences.png
 
 A (run, defence) already in the results file is skipped, so every stage can be stopped and continued; each line
-records its defence's settings (defences.SETTINGS), and a line measured under other settings stops the stage with
-an error rather than pass for a current one. A filter's drop file is named by its run, its filter and a digest of
-the rows it drops, so a retraining is keyed on exactly the rows it left out. The source
-runs are the sweep's own folders (runs/conv/f12/...): `sources` trains those not finished (`plan` prints their
-train.py lines), recording into runs/conv/defend-sources.jsonl so that results/conv/results.jsonl is left alone. The
-same flags give the same run, so each source run's results line must equal its committed one in results/conv:
-`sources` compares them and says so (a mismatch is reported, not hidden; the defences still run on the new run).
-Training (sources, retrain) runs `--jobs` at a time, through the sweep's runner; detect and filter run in this
-process, on all the machine's threads. One process at a time in a runs folder (the sweep's lock).
+records its defence's settings (defences.SETTINGS) and the seconds it took, and a line measured under other settings
+stops the stage with an error rather than pass for a current one. A filter's drop file is named by its run, its
+filter and a digest of the rows it drops, so a retraining is keyed on exactly the rows it left out, and needs only
+that file, not the source run's folder. The source runs are the sweep's own folders (runs/conv/f12/...): `sources`
+trains those that owe a defence and are not at hand (`plan` prints their train.py lines), recording into
+results/conv/defences-sources.jsonl so that results/conv/results.jsonl is left alone. The same flags give the same
+run, so each source run's results line must equal its committed one in results/conv: `sources` and `all` compare
+them and say so (a mismatch is reported, not hidden; the defences still run on the new run). `all` trains and
+measures a --jobs-sized chunk of source runs at a time, so that what a chunk measured is in the results before the
+next trains: a run folder need not outlive the machine that trained it. Training (sources, retrain, all) runs
+`--jobs` at a time, through the sweep's runner; the defences run in this process, on all the machine's threads.
+One process at a time in a runs folder (the sweep's lock).
 """
 import hashlib
 import json
 import os
 import sys
+import time
 
 import cli
 import defences
@@ -79,18 +84,19 @@ def drop_file(drops, folder, name, dropped):
     return os.path.join(drops, f"{os.path.basename(folder)}-{name}-{digest}.json")
 
 
-def measure(stage, runs, names, results, drops, data_dir):
-    """Every defence on every finished source run not yet in the results file, one ledger line each."""
-    seen = measured(results)
-    for folder, _ in runs:
+def measure(stage, todo, results, drops, data_dir):
+    """Each (run folder, flags, defences) of `todo` (see owed): each defence on its finished run, one ledger line each
+    (with the seconds it took, wall_s), defence by defence so that a defence's FF and LoRA lines land together."""
+    for folder, _, _ in todo:
         if not finished(folder):
             print(f"skipped (not finished; `python -m study.defend sources` trains it): {folder}", file=sys.stderr)
-            continue
-        key = runspec.run_key(_config(folder))
-        for name in names:
-            if (key, name) in seen:
+    for name in defences.DEFENCES:
+        for folder, _, names in todo:
+            if name not in names or not finished(folder):
                 continue
+            t0 = time.time()
             result = defences.run_defence(folder, name, data_dir=data_dir)
+            result["wall_s"] = round(time.time() - t0, 1)
             if "dropped" in result:
                 dropped = result.pop("dropped")
                 result["drop_rows"] = drop_file(drops, folder, name, dropped)
@@ -99,23 +105,21 @@ def measure(stage, runs, names, results, drops, data_dir):
             print(f"{stage}: {folder}: " + defences.summary(result["metrics"]))
 
 
-def _config(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        return json.load(f)["run"]
+def key(flags):
+    """A source run's key, from its train.py flags: the key of the results lines measured on it."""
+    return runspec.run_key(sweep.resolve(flags))
 
 
 def retrain_plan(runs, results, retrained):
     """(folder name under the runs folder, train.py flags) of each filtered retraining not yet in `retrained`: the
-    source run's flags plus --drop-rows with the drop file its filter's results line names."""
+    source run's flags plus --drop-rows with the drop file its filter's results line names (the source run's folder
+    is not needed)."""
     done = {runspec.run_key(r["config"]) for r in sweep.finished_runs(retrained)}
     lines = measured(results)
     plan = []
-    for folder, flags in runs:
-        if not finished(folder):
-            continue
-        key = runspec.run_key(_config(folder))
+    for _, flags in runs:
         for name in defences.FILTERS:
-            line = lines.get((key, name))
+            line = lines.get((key(flags), name))
             if line is None:
                 continue
             retrain = flags + ["--drop-rows", line["drop_rows"]]
@@ -124,13 +128,19 @@ def retrain_plan(runs, results, retrained):
     return plan
 
 
-def sources_file(runs_dir):
-    return os.path.join(runs_dir, "defend-sources.jsonl")
-
-
-def unfinished(runs):
-    """The (run folder, train.py flags) of the source runs without their final metrics."""
-    return [(folder, flags) for folder, flags in runs if not finished(folder)]
+def owed(runs, results, filter_seeds):
+    """[(run folder, flags, [defences])]: each source run with the defences not yet measured on it, the detectors
+    and, at FILTER's rates and these seeds, the filters. A run that owes nothing needs no model."""
+    seen = measured(results)
+    out = []
+    for folder, flags in runs:
+        c = sweep.resolve(flags)
+        names = (*defences.DETECTORS, *(defences.FILTERS if c["poison_rate"] in FILTER["rates"] and
+                                        c["seed"] in filter_seeds else ()))
+        names = [name for name in names if (key(flags), name) not in seen]
+        if names:
+            out.append((folder, flags, names))
+    return out
 
 
 def command(flags, out, results):
@@ -138,12 +148,12 @@ def command(flags, out, results):
     return " ".join(["python", "train.py", *flags, "--out", out, "--results", results, "--resume", "auto"])
 
 
-def reproduced(runs_dir, committed):
+def reproduced(sources_results, committed):
     """(same, differ, missing): the source runs' results lines against results/conv's committed lines of the same
     run key. "same" means equal final metrics and curve, to the last bit (the wall time and paths may differ)."""
     theirs = {runspec.run_key(r["config"]): r for r in sweep.finished_runs(committed)}
     same, differ, missing = [], [], []
-    for r in sweep.finished_runs(sources_file(runs_dir)):
+    for r in sweep.finished_runs(sources_results):
         other = theirs.get(runspec.run_key(r["config"]))
         which = missing if other is None else same if (r["metrics"], r.get("curve")) == \
             (other["metrics"], other.get("curve")) else differ
@@ -317,51 +327,62 @@ def main(argv=None):
                    help="folder of the filters' drop files (train.py --drop-rows reads them)")
     p.add_argument("--retrain-results", default=os.path.join(ROOT, "results", "conv", "defences-retrain.jsonl"),
                    help="results file of the retraining runs")
+    p.add_argument("--sources-results", default=os.path.join(ROOT, "results", "conv", "defences-sources.jsonl"),
+                   help="results file of the source runs trained again (kept apart from results/conv/results.jsonl)")
     p.add_argument("--seeds", type=int, default=None, help="only the first N seeds of the stage")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: the one each run recorded)")
     p.add_argument("--print", action="store_true", help="retrain: print the train.py commands, run nothing")
     p.add_argument("--jobs", type=int, default=1, help="sources, retrain, all: training runs at a time")
+    p.add_argument("--until", default=None, help="all, retrain: HH:MM or YYYY-MM-DDTHH:MM (local time); start a "
+                                                 "chunk or a retraining only if its upper estimate ends by then")
     p.add_argument("--committed", default=os.path.join(ROOT, "results", "conv", "results.jsonl"),
-                   help="sources, all: the committed results the source runs must reproduce")
+                   help="the committed conv results the source runs must reproduce (and --until's speeds)")
     a = p.parse_args(argv)
     with cli.usage_errors():
         if a.seeds is not None and a.seeds < 1:
             raise cli.UsageError(f"--seeds must be >= 1, got {a.seeds}")
         if a.jobs < 1:
             raise cli.UsageError(f"--jobs must be >= 1, got {a.jobs}")
-        for flag, path in (("--results", a.results), ("--retrain-results", a.retrain_results)):
+        for flag, path in (("--results", a.results), ("--retrain-results", a.retrain_results),
+                           ("--sources-results", a.sources_results)):
             cli.check_file_path(path, flag)
         cli.check_folder_path(a.drops, "--drops")
-        if a.stage in ("sources", "all") and not os.path.isfile(a.committed):
+        if not os.path.isfile(a.committed):
             raise cli.UsageError(f"--committed {a.committed}: no such results file")
+        a.until = None if a.until is None else sweep.until_time(a.until)
         lock = None if a.stage in ("plan", "effects", "figure") or a.print else \
             cli.own_folder(a.runs_dir, "--runs-dir")  # noqa: F841 (held until the end: one process per runs folder)
         measured(a.results)  # a line measured under other settings than today's: one clear error, before any work
-    for stage in (("sources", "detect", "filter", "retrain", "effects", "figure") if a.stage == "all" else (a.stage,)):
-        run_stage(stage, a)
+    if a.stage == "all":
+        pipeline(a)
+        for stage in ("retrain", "effects", "figure"):
+            run_stage(stage, a)
+    else:
+        run_stage(a.stage, a)
 
 
 STAGES = ("all", "plan", "sources", "detect", "filter", "retrain", "effects", "figure")
 
 
+def seeds_of(spec, a):
+    return spec["seeds"][:a.seeds] if a.seeds else spec["seeds"]
+
+
 def run_stage(stage, a):
     spec = FILTER if stage in ("filter", "retrain") else DETECT  # DETECT's runs include FILTER's
-    seeds = spec["seeds"][:a.seeds] if a.seeds else spec["seeds"]
-    runs = source_runs(spec["rates"], seeds, a.runs_dir)
+    runs = source_runs(spec["rates"], seeds_of(spec, a), a.runs_dir)
+    todo = owed(runs, a.results, seeds_of(FILTER, a))
     if stage == "plan":
-        return plan(runs, a.runs_dir)
+        return plan(todo, a.sources_results)
     if stage == "sources":
-        todo = [(os.path.relpath(folder, a.runs_dir), flags) for folder, flags in unfinished(runs)]
-        if todo:
-            sweep.run_all(todo, a.jobs, a.runs_dir, sources_file(a.runs_dir))
-        same, differ, missing = reproduced(a.runs_dir, a.committed)
-        print(f"sources: {len(runs)} finished; {len(same)} reproduce their committed results line bit for bit, "
-              f"{len(differ)} differ, {len(missing)} have none in {a.committed}"
-              + "".join(f"\n  DIFFERS: {d}" for d in differ), file=sys.stderr)
-        return
+        train = [(os.path.relpath(folder, a.runs_dir), flags) for folder, flags, _ in todo if not finished(folder)]
+        if train:
+            sweep.run_all(train, a.jobs, a.runs_dir, a.sources_results)
+        return report_reproduced(a)
     if stage in ("detect", "filter"):
         names = defences.DETECTORS if stage == "detect" else defences.FILTERS
-        return measure(stage, runs, names, a.results, a.drops, a.data_dir)
+        return measure(stage, [(f, flags, [n for n in owe if n in names]) for f, flags, owe in todo],
+                       a.results, a.drops, a.data_dir)
     if stage in ("effects", "figure"):
         lines, after = measurements(a.results, a.retrain_results, source_runs(DETECT["rates"], DETECT["seeds"],
                                                                                a.runs_dir))
@@ -379,15 +400,73 @@ def run_stage(stage, a):
         for name, flags in todo:
             print(command(flags, os.path.join(a.runs_dir, name), a.retrain_results))
     elif todo:
-        sweep.run_all(todo, a.jobs, a.runs_dir, a.retrain_results)
+        deadline = None if a.until is None else \
+            (a.until, dict(zip([name for name, _ in todo], sweep.costs(todo, training_speeds(a)))))
+        sweep.run_all(todo, a.jobs, a.runs_dir, a.retrain_results, deadline)
 
 
-def plan(runs, runs_dir):
-    """Each source run's state; train.py lines (recording outside the committed results) for the unfinished."""
-    todo = unfinished(runs)
-    print(f"{len(runs) - len(todo)} of {len(runs)} source runs finished", file=sys.stderr)
-    for folder, flags in todo:
-        print(command(flags, folder, sources_file(runs_dir)))
+def pipeline(a):
+    """`all`'s sources, detect and filter, a --jobs-sized chunk of source runs at a time: train the chunk's runs that
+    are not at hand, then measure what they owe, so that a chunk's lines are in before the next chunk trains (a run
+    folder need not outlive the session that trained it; a run that owes nothing is not trained again). With
+    --until, a chunk starts only if its upper estimate ends by then: its slowest training (sweep.upper_speeds) plus
+    its measurements (measure_seconds)."""
+    todo = owed(source_runs(DETECT["rates"], seeds_of(DETECT, a), a.runs_dir), a.results, seeds_of(FILTER, a))
+    speeds, seconds = training_speeds(a), measure_seconds(a.results)
+    late = []
+    for i in range(0, len(todo), a.jobs):
+        chunk = todo[i:i + a.jobs]
+        train = [(os.path.relpath(folder, a.runs_dir), flags) for folder, flags, _ in chunk if not finished(folder)]
+        if a.until is not None:
+            cost = sweep.costs(train, speeds)
+            need = None if None in cost else max(cost, default=0.0) + sum(
+                seconds(name, sweep.resolve(flags)["mode"]) for _, flags, names in chunk for name in names)
+            if need is None or time.time() + need > a.until:
+                late += [folder for folder, _, _ in chunk]
+                continue
+        if train:
+            sweep.run_all(train, a.jobs, a.runs_dir, a.sources_results)
+        measure("all", chunk, a.results, a.drops, a.data_dir)
+    report_reproduced(a)
+    if late:
+        print(f"--until: {len(late)} source runs not started, their chunk's estimate ends after --until; the same "
+              f"command starts them: {', '.join(late)}", file=sys.stderr)
+
+
+def training_speeds(a):
+    """Seconds per step for --until: the committed conv runs' and the source runs trained here (sweep.upper_speeds)."""
+    return sweep.upper_speeds(sweep.finished_runs(a.committed) + sweep.finished_runs(a.sources_results))
+
+
+# the seconds each defence was guessed to take before any had been measured (REPORT.md's status: BKI about 80 minutes
+# a run, the others minutes); --until goes by them until a defence has lines with their own wall_s
+GUESS_S = dict(strip=600, rap=600, dan=600, spectral=600, ac=600, bki=4800)
+
+
+def measure_seconds(results):
+    """(defence, mode) -> seconds: the slowest of the latest sweep.UNTIL_RECENT lines of each, else GUESS_S."""
+    taken = {}
+    for r in ledger.read(results) if os.path.isfile(results) else []:
+        if "wall_s" in r:
+            taken.setdefault((r["metrics"]["defence"], r["config"]["mode"]), []).append(r["wall_s"])
+    return lambda name, mode: max(taken[(name, mode)][-sweep.UNTIL_RECENT:]) if (name, mode) in taken \
+        else GUESS_S[name]
+
+
+def report_reproduced(a):
+    same, differ, missing = reproduced(a.sources_results, a.committed)
+    print(f"sources: {len(same) + len(differ) + len(missing)} trained again; {len(same)} reproduce their committed "
+          f"results line bit for bit, {len(differ)} differ, {len(missing)} have none in {a.committed}"
+          + "".join(f"\n  DIFFERS: {d}" for d in differ), file=sys.stderr)
+
+
+def plan(todo, sources_results):
+    """Each source run that still owes a defence: train.py lines (recording outside the committed conv results) for
+    those not at hand."""
+    train = [(folder, flags) for folder, flags, _ in todo if not finished(folder)]
+    print(f"{len(todo)} source runs owe a defence, {len(todo) - len(train)} of them at hand", file=sys.stderr)
+    for folder, flags in train:
+        print(command(flags, folder, sources_results))
 
 
 if __name__ == "__main__":

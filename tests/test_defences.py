@@ -450,29 +450,34 @@ def test_every_defence_runs_on_a_saved_run_and_its_result_is_strict_json(tiny_ru
             assert m["n_poisoned"] == 12 and len(result["dropped"]) == m["n_dropped"]
 
 
-def test_the_study_driver_appends_one_line_per_run_and_defence_once(tiny_run, tmp_path):
+def test_the_study_driver_appends_one_line_per_run_and_defence_and_owes_the_rest(tiny_run, tmp_path):
     from study import defend
-    root, _ = tiny_run
+    root, flags = tiny_run
     results, drops = tmp_path / "d.jsonl", tmp_path / "drops"
-    for _ in range(2):  # the second pass finds both lines and adds nothing
-        defend.measure("test", [(str(root / "run"), [])], ("dan", "bki"), str(results), str(drops), None)
+    defend.measure("test", [(str(root / "run"), flags, ["dan", "bki"])], str(results), str(drops), None)
     lines = [json.loads(x) for x in results.read_text().splitlines()]
-    assert [x["metrics"]["defence"] for x in lines] == ["dan", "bki"]
+    assert [x["metrics"]["defence"] for x in lines] == ["dan", "bki"] and all(x["wall_s"] >= 0 for x in lines)
     with open(lines[1]["drop_rows"]) as f:
         assert runspec.read_drop_rows(f.name, 120) == sorted(json.load(f)["dropped"])
+    # the run's flags find its lines: it owes the other detectors (BPA 10% is no filter rate of the study)
+    assert defend.owed([(str(root / "run"), flags)], str(results), (0,)) == [(str(root / "run"), flags, ["strip", "rap"])]
 
 
 def test_the_study_drivers_all_measures_then_retrains_each_filtered_set(tiny_run, tmp_path, monkeypatch, capsys):
-    # `all` on one finished source run (standing in for the conv BPA runs): every detector and filter once, then one
-    # retraining per filter's drop file through the sweep's runner (stubbed: the training itself is train.py's)
+    # `all` on one finished source run (standing in for the conv BPA runs, its rate made a filter rate): every detector
+    # and filter once, then one retraining per filter's drop file through the sweep's runner (stubbed: the training
+    # itself is train.py's). Run again without the run's folder, it trains and measures nothing: the run owes nothing
     from study import defend, sweep
     root, flags = tiny_run
     monkeypatch.setattr(defend, "source_runs", lambda rates, seeds, runs_dir: [(str(root / "run"), flags)])
+    monkeypatch.setattr(defend, "FILTER", dict(rates=(0.1,), seeds=(0,)))
     started = []
-    monkeypatch.setattr(sweep, "run_all", lambda todo, jobs, runs_dir, results: started.append((todo, jobs, results)))
+    monkeypatch.setattr(sweep, "run_all", lambda todo, jobs, runs_dir, results, deadline=None:
+                        started.append((todo, jobs, results)))
     out = tmp_path / "out"
     argv = ["all", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"), "--results", str(out / "d.jsonl"),
-            "--drops", str(out / "drops"), "--retrain-results", str(out / "r.jsonl"), "--committed", str(root / "r.jsonl")]
+            "--drops", str(out / "drops"), "--retrain-results", str(out / "r.jsonl"), "--committed", str(root / "r.jsonl"),
+            "--sources-results", str(out / "s.jsonl")]
     defend.main(argv)
     lines = [json.loads(x) for x in (out / "d.jsonl").read_text().splitlines()]
     assert [x["metrics"]["defence"] for x in lines] == [*D.DETECTORS, *D.FILTERS]
@@ -483,4 +488,10 @@ def test_the_study_drivers_all_measures_then_retrains_each_filtered_set(tiny_run
                                           for x in filters]
     assert all(os.path.basename(x["drop_rows"]).startswith(f"run-{f}-") for f, x in zip(D.FILTERS, filters))
     assert all(f[f.index("--drop-rows") + 1] == x["drop_rows"] for (_, f), x in zip(todo, lines[len(D.DETECTORS):]))
-    assert "sources: 1 finished" in capsys.readouterr().err and (out / "defences.png").is_file()
+    assert "sources: 0 trained again" in capsys.readouterr().err and (out / "defences.png").is_file()
+    monkeypatch.setattr(defend, "source_runs", lambda rates, seeds, runs_dir: [(str(tmp_path / "gone"), flags)])
+    defend.main(argv)
+    assert len((out / "d.jsonl").read_text().splitlines()) == len(lines)
+    assert started[1] == started[0]  # the retrainings again (the stub recorded none), and nothing else
+
+

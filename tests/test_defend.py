@@ -1,7 +1,9 @@
 """study/defend.py: which source runs it plans, and the paired contrasts on a results file whose answer is known."""
+import argparse
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -96,19 +98,16 @@ def test_source_runs_are_checked_bit_for_bit_against_the_committed_lines(tmp_pat
         ledger.append(str(mine), dict(line, wall_s=99.0, out=folder,
                                       metrics={"clean": {"acc": math.nextafter(0.9, 1) if i == 1 else 0.9},
                                                "asr": 0.5}))
-    same, differ, missing = defend.reproduced(str(tmp_path), str(committed))
+    same, differ, missing = defend.reproduced(str(mine), str(committed))
     assert (same, differ, missing) == ([runs[0][0]], [runs[1][0]], [runs[2][0]])
 
 
 def test_retrain_plan_has_one_run_per_drop_file_until_its_line_is_in(tmp_path):
-    # a finished source run with an AC line: one retraining on the drop file that line names, until its results
-    # line is in; a new AC measurement dropping other rows names a new drop file, which needs its own retraining
+    # a source run with an AC line: one retraining on the drop file that line names, until its results line is in;
+    # a new AC measurement dropping other rows names a new drop file, which needs its own retraining. The source
+    # run's folder is not needed (it is not on this machine)
     runs = defend.source_runs(defend.FILTER["rates"], (0,), str(tmp_path))
     folder, flags = runs[0]
-    os.makedirs(folder)
-    for name, content in (("config.json", {"run": sweep.resolve(flags)}), ("metrics.json", {"final": {}})):
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(content, f)
     results, retrained = tmp_path / "d.jsonl", tmp_path / "retrain.jsonl"
     for dropped in ([1, 2], [3]):
         drop = defend.drop_file(str(tmp_path / "drops"), folder, "ac", dropped)
@@ -123,3 +122,30 @@ def test_retrain_plan_has_one_run_per_drop_file_until_its_line_is_in(tmp_path):
         assert plan[0][1][-2:] == ["--drop-rows", drop]
         ledger.append(str(retrained), {"config": sweep.resolve(plan[0][1]), "metrics": {"asr": 0.1}})
         assert defend.retrain_plan(runs, str(results), str(retrained)) == []
+
+
+def test_all_until_starts_only_the_chunks_estimated_to_end_by_then(tmp_path, monkeypatch, capsys):
+    # seed 0's four source runs, one chunk each (--jobs 1), none at hand. Upper estimates by hand, with training at
+    # 0.1 s (LoRA) and 0.2 s (FF) a step for 2,500 steps and the guessed seconds of each defence (none measured yet):
+    # LoRA 0.15%: 250 + 3 detectors x 600 = 2,050 s; FF 0.15%: 500 + 1,800 = 2,300 s; at 0.45% the filters add
+    # 600 + 600 + 4,800 (BKI): LoRA 8,050 s, FF 8,300 s. Until an hour and a half from now: the 0.15% chunks start
+    monkeypatch.setattr(defend, "training_speeds", lambda a: {("sst2", "lora"): 0.1, ("sst2", "ff"): 0.2})
+    trained, measured = [], []
+    monkeypatch.setattr(sweep, "run_all", lambda todo, jobs, runs_dir, results, deadline=None: trained.append(todo))
+    monkeypatch.setattr(defend, "measure", lambda stage, todo, *rest: measured.append(todo))
+    a = argparse.Namespace(runs_dir=str(tmp_path / "runs"), results=str(tmp_path / "d.jsonl"), seeds=1, jobs=1,
+                           until=time.time() + 5400, committed=str(tmp_path / "c.jsonl"),
+                           sources_results=str(tmp_path / "s.jsonl"), drops=str(tmp_path / "drops"), data_dir=None)
+    defend.pipeline(a)
+    runs = defend.source_runs(defend.DETECT["rates"], (0,), a.runs_dir)
+    names = [os.path.basename(folder) for folder, _ in runs]
+    assert names == ["sst2-lora-r8-ku-k0.333-bpa0.0015-s0", "sst2-ff-bpa0.0015-s0",
+                     "sst2-lora-r8-ku-k0.333-bpa0.0045-s0", "sst2-ff-bpa0.0045-s0"]
+    assert [[os.path.basename(n) for n, _ in todo] for todo in trained] == [names[:1], names[1:2]]
+    assert [[(os.path.basename(f), owe) for f, _, owe in todo] for todo in measured] == \
+        [[(n, list(defences.DETECTORS))] for n in names[:2]]
+    assert "--until: 2 source runs not started" in capsys.readouterr().err
+    assert defend.measure_seconds(a.results)("bki", "ff") == 4800  # the guess, until BKI lines exist
+    for seconds in (100.0, 900.0, 300.0):
+        ledger.append(a.results, {"config": {"mode": "ff"}, "metrics": {"defence": "bki"}, "wall_s": seconds})
+    assert defend.measure_seconds(a.results)("bki", "ff") == 900.0  # then the slowest of the latest ones
