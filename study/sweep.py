@@ -13,6 +13,7 @@ is already in the results JSONL is skipped, so a sweep can be stopped at any poi
 files from several machines merge by concatenation. An interrupted run is resumed from its checkpoint. Only one
 sweep at a time may run in a runs folder, and each run folder is one trainer's own (train.py's lock).
 """
+import collections
 import datetime
 import os
 import signal
@@ -480,9 +481,11 @@ def run_all(pending, jobs, runs_dir, results, deadline=None):
         signal.signal(s, handler)
     bar.close()
     if late:
+        per_folder = collections.Counter(name.split(os.sep)[0] for name in late)
         print(f"--until: {len(late)} runs not started, their estimate ends after "
               f"{datetime.datetime.fromtimestamp(deadline[0]):%Y-%m-%d %H:%M} or is unknown (no finished run of "
-              f"their kind); the same command starts them: {', '.join(late)}", file=sys.stderr)
+              f"their kind); the same command starts them. Per folder: "
+              f"{', '.join(f'{folder} {n}' for folder, n in per_folder.items())}", file=sys.stderr)
     if stopping:
         print(f"error: the sweep stopped on {signal.Signals(stopping[0]).name}: the running runs checkpointed, "
               f"{len(todo)} not started; run the same command again to continue", file=sys.stderr)

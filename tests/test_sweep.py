@@ -222,9 +222,9 @@ def test_a_sweep_until_a_time_starts_only_the_runs_estimated_to_end_by_then(tmp_
         def poll(self):
             return 0
     monkeypatch.setattr(sweep.subprocess, "Popen", Done)
-    pending = [(name, ["--seed", "0"]) for name in ("a", "b", "c", "d", "e")]
-    costs = {"a": 50.0, "b": 5000.0, "c": 10.0, "d": None, "e": 3000.0}  # d: no finished run of its kind
+    pending = [(name, ["--seed", "0"]) for name in ("x/a", "x/b", "x/c", "y/d", "y/e")]
+    costs = {"x/a": 50.0, "x/b": 5000.0, "x/c": 10.0, "y/d": None, "y/e": 3000.0}  # d: no finished run of its kind
     sweep.run_all(pending, 2, str(tmp_path), str(tmp_path / "r.jsonl"), (time.time() + 3600, costs))
     assert started == ["a", "c", "e"]  # b would end after the hour; c and e fill in behind it
     err = capsys.readouterr().err
-    assert "--until: 2 runs not started" in err and err.rstrip().endswith("b, d")
+    assert "--until: 2 runs not started" in err and err.rstrip().endswith("Per folder: x 1, y 1")
