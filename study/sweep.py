@@ -355,6 +355,7 @@ def until_time(text, now=None):
     try:
         if "T" in text:
             when = datetime.datetime.fromisoformat(text)
+            now = now.astimezone(when.tzinfo) if when.tzinfo else now  # a time with its zone: compare as such
         else:
             when = datetime.datetime.combine(now.date(), datetime.time.fromisoformat(text))
             when += datetime.timedelta(days=1) if when <= now else datetime.timedelta(0)

@@ -194,6 +194,8 @@ def test_until_takes_the_next_occurrence_of_a_clock_time_and_refuses_the_past():
     assert sweep.until_time("15:45", now) == datetime.datetime(2026, 12, 2, 15, 45).timestamp()
     assert sweep.until_time("09:00", now) == datetime.datetime(2026, 12, 3, 9, 0).timestamp()  # tomorrow's
     assert sweep.until_time("2026-12-04T01:30", now) == datetime.datetime(2026, 12, 4, 1, 30).timestamp()
+    aware = datetime.datetime(2030, 1, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    assert sweep.until_time("2030-01-01T12:00+00:00", now) == aware.timestamp()
     for bad, says in (("2026-12-01T10:00", "has passed"), ("25:00", "HH:MM"), ("soon", "HH:MM")):
         with pytest.raises(cli.UsageError, match=says):
             sweep.until_time(bad, now)
