@@ -137,7 +137,7 @@ def owed(runs, results, filter_seeds):
         c = sweep.resolve(flags)
         names = (*defences.DETECTORS, *(defences.FILTERS if c["poison_rate"] in FILTER["rates"] and
                                         c["seed"] in filter_seeds else ()))
-        names = [name for name in names if (key(flags), name) not in seen]
+        names = [name for name in names if (runspec.run_key(c), name) not in seen]
         if names:
             out.append((folder, flags, names))
     return out
@@ -371,11 +371,12 @@ def seeds_of(spec, a):
 def run_stage(stage, a):
     spec = FILTER if stage in ("filter", "retrain") else DETECT  # DETECT's runs include FILTER's
     runs = source_runs(spec["rates"], seeds_of(spec, a), a.runs_dir)
-    todo = owed(runs, a.results, seeds_of(FILTER, a))
+    if stage in ("plan", "sources", "detect", "filter"):
+        todo = owed(runs, a.results, seeds_of(FILTER, a))
     if stage == "plan":
-        return plan(todo, a.sources_results)
+        return plan(todo, a.runs_dir, a.sources_results)
     if stage == "sources":
-        train = [(os.path.relpath(folder, a.runs_dir), flags) for folder, flags, _ in todo if not finished(folder)]
+        train = not_at_hand(todo, a.runs_dir)
         if train:
             sweep.run_all(train, a.jobs, a.runs_dir, a.sources_results)
         return report_reproduced(a)
@@ -400,9 +401,8 @@ def run_stage(stage, a):
         for name, flags in todo:
             print(command(flags, os.path.join(a.runs_dir, name), a.retrain_results))
     elif todo:
-        deadline = None if a.until is None else \
-            (a.until, dict(zip([name for name, _ in todo], sweep.costs(todo, training_speeds(a)))))
-        sweep.run_all(todo, a.jobs, a.runs_dir, a.retrain_results, deadline)
+        sweep.run_all(todo, a.jobs, a.runs_dir, a.retrain_results,
+                      sweep.deadline(a.until, todo, training_speeds(a)))
 
 
 def pipeline(a):
@@ -416,12 +416,12 @@ def pipeline(a):
     late = []
     for i in range(0, len(todo), a.jobs):
         chunk = todo[i:i + a.jobs]
-        train = [(os.path.relpath(folder, a.runs_dir), flags) for folder, flags, _ in chunk if not finished(folder)]
+        train = not_at_hand(chunk, a.runs_dir)
         if a.until is not None:
             cost = sweep.costs(train, speeds)
             need = None if None in cost else max(cost, default=0.0) + sum(
                 seconds(name, sweep.resolve(flags)["mode"]) for _, flags, names in chunk for name in names)
-            if need is None or time.time() + need > a.until:
+            if not sweep.ends_by(a.until, need):
                 late += [folder for folder, _, _ in chunk]
                 continue
         if train:
@@ -431,6 +431,11 @@ def pipeline(a):
     if late:
         print(f"--until: {len(late)} source runs not started, their chunk's estimate ends after --until; the same "
               f"command starts them: {', '.join(late)}", file=sys.stderr)
+
+
+def not_at_hand(todo, runs_dir):
+    """(folder under the runs folder, flags) of the runs of `todo` (see owed) without a finished folder: to train."""
+    return [(os.path.relpath(folder, runs_dir), flags) for folder, flags, _ in todo if not finished(folder)]
 
 
 def training_speeds(a):
@@ -460,13 +465,13 @@ def report_reproduced(a):
           + "".join(f"\n  DIFFERS: {d}" for d in differ), file=sys.stderr)
 
 
-def plan(todo, sources_results):
+def plan(todo, runs_dir, sources_results):
     """Each source run that still owes a defence: train.py lines (recording outside the committed conv results) for
     those not at hand."""
-    train = [(folder, flags) for folder, flags, _ in todo if not finished(folder)]
+    train = not_at_hand(todo, runs_dir)
     print(f"{len(todo)} source runs owe a defence, {len(todo) - len(train)} of them at hand", file=sys.stderr)
-    for folder, flags in train:
-        print(command(flags, folder, sources_results))
+    for name, flags in train:
+        print(command(flags, os.path.join(runs_dir, name), sources_results))
 
 
 if __name__ == "__main__":

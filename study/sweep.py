@@ -281,7 +281,7 @@ def main(argv=None):
             sys.exit(code)
         return
     with cli.usage_errors():  # every check, and every planned run's flags, before a run starts
-        p, stages, figures, results, runs_dir = check_args(args)
+        p, stages, figures, results, runs_dir, until = check_args(args)
         # one sweep at a time in a runs folder: a second (say, a restarted one) would start the same runs
         planning = args.print or args.estimate
         lock = None if planning else cli.own_folder(runs_dir, "--runs-dir")  # noqa: F841 (held until the end)
@@ -312,13 +312,12 @@ def main(argv=None):
         return
     pending = pending[:args.limit]
     if pending:
-        deadline = None if args.until is None else \
-            (until_time(args.until), dict(zip([n for n, _ in pending], costs(pending, upper_speeds(finished)))))
-        run_all(pending, args.jobs, runs_dir, results, deadline)
+        run_all(pending, args.jobs, runs_dir, results, deadline(until, pending, upper_speeds(finished)))
 
 
 def check_args(args):
-    """The sweep's own flags: (protocol, its stages, figures to plan, results file, runs folder), or a UsageError."""
+    """The sweep's own flags: (protocol, its stages, figures to plan, results file, runs folder, --until as epoch
+    seconds or None), or a UsageError."""
     p = PROTOCOLS[args.protocol]
     if args.protocol == "paper" and not args.model:
         raise cli.UsageError("--protocol paper needs --model /path/to/bert-large-uncased")
@@ -343,9 +342,8 @@ def check_args(args):
     runs_dir = args.runs_dir or os.path.join(ROOT, "runs", args.protocol)
     cli.check_file_path(results, "--results")
     cli.check_folder_path(runs_dir, "--runs-dir")
-    if args.until is not None:
-        until_time(args.until)
-    return p, stages, figures, results, runs_dir
+    until = None if args.until is None else until_time(args.until)
+    return p, stages, figures, results, runs_dir, until
 
 
 def until_time(text, now=None):
@@ -439,7 +437,8 @@ def run_all(pending, jobs, runs_dir, results, deadline=None):
     leaves no results line; the next invocation resumes it from its checkpoint.
     deadline: None, or (epoch seconds, {name: estimated seconds or None}): a run starts only if its estimate ends by
     then, in run order, later (shorter) runs filling in behind one that would not; a run with no estimate does not
-    start. The runs left are named at the end, and the sweep exits 0: the next invocation starts them."""
+    start (see deadline). The runs left are counted per folder at the end, and the sweep exits 0: the next
+    invocation starts them."""
     from tqdm import tqdm
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     procs, failed, stopping, late = {}, [], [], []
@@ -496,9 +495,18 @@ def run_all(pending, jobs, runs_dir, results, deadline=None):
         sys.exit(1)
 
 
+def deadline(until, pending, per_key):
+    """run_all's deadline: None without --until, else (until, {name: estimated seconds by these speeds, or None})."""
+    return None if until is None else (until, dict(zip([name for name, _ in pending], costs(pending, per_key))))
+
+
+def ends_by(until, seconds):
+    """Whether work estimated at `seconds` (None: unknown), started now, ends by `until` (epoch seconds)."""
+    return seconds is not None and time.time() + seconds <= until
+
+
 def _fits(deadline, name):
-    until, cost = deadline[0], deadline[1].get(name)
-    return cost is not None and time.time() + cost <= until
+    return ends_by(deadline[0], deadline[1].get(name))
 
 
 if __name__ == "__main__":
