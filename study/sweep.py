@@ -6,6 +6,7 @@ Run the paper's experiment grids as resumable sweeps of train.py.
     python -m study.sweep fig4 --protocol paper --print  # one torchrun command per pending run (Slurm arrays etc.)
     python -m study.sweep all --protocol conv --jobs 2 --estimate  # the pending runs' cost, from the finished runs' speed
     python -m study.sweep all --protocol conv --jobs 2 --until 15:45  # start only the runs estimated to end by then
+    python -m study.sweep 3ep --protocol conv --jobs 2 --only bpa  # only the runs whose FOLDER/NAME matches
     python -m study.sweep fig3                         # the Eq. 18 heatmap (no training)
 
 A run is known by runspec.run_key (its configuration, with machine-specific paths reduced to names): one whose line
@@ -16,6 +17,7 @@ sweep at a time may run in a runs folder, and each run folder is one trainer's o
 import collections
 import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -269,6 +271,8 @@ def main(argv=None):
     ap.add_argument("--print", action="store_true", help="print the pending runs as torchrun commands and exit")
     ap.add_argument("--estimate", action="store_true", help="print the pending runs' estimated cost (from the "
                                                             "finished runs' seconds per step) and exit")
+    ap.add_argument("--only", default=None, help="a regular expression: plan only the runs whose FOLDER/NAME it "
+                                                 "finds (re.search), e.g. '3ep/.*bpa' for the runs one question needs")
     ap.add_argument("--limit", type=int, default=None, help="run at most N pending runs, then stop")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (threads are split between them)")
     ap.add_argument("--until", default=None, help="HH:MM or YYYY-MM-DDTHH:MM (local time): start a run only if "
@@ -281,7 +285,7 @@ def main(argv=None):
             sys.exit(code)
         return
     with cli.usage_errors():  # every check, and every planned run's flags, before a run starts
-        p, stages, figures, results, runs_dir, until = check_args(args)
+        p, stages, figures, results, runs_dir, until, only = check_args(args)
         # one sweep at a time in a runs folder: a second (say, a restarted one) would start the same runs
         planning = args.print or args.estimate
         lock = None if planning else cli.own_folder(runs_dir, "--runs-dir")  # noqa: F841 (held until the end)
@@ -300,7 +304,9 @@ def main(argv=None):
                     if key not in done and key not in seen:  # grids share points (e.g. the clean LoRA run)
                         seen.add(key)
                         pending.append((run_name(figure, flags, seed), flags))
-    print(f"{args.figure} ({args.protocol}): {len(pending)} runs pending, {len(done)} in {results}", file=sys.stderr)
+        pending = [(name, flags) for name, flags in pending if only.search(name)]
+    print(f"{args.figure} ({args.protocol}): {len(pending)} runs pending"
+          + (f" matching --only {args.only!r}" if args.only else "") + f", {len(done)} in {results}", file=sys.stderr)
     if args.estimate:
         print("\n".join(estimate(pending, finished, args.jobs)))
         return
@@ -317,7 +323,7 @@ def main(argv=None):
 
 def check_args(args):
     """The sweep's own flags: (protocol, its stages, figures to plan, results file, runs folder, --until as epoch
-    seconds or None), or a UsageError."""
+    seconds or None, --only compiled), or a UsageError."""
     p = PROTOCOLS[args.protocol]
     if args.protocol == "paper" and not args.model:
         raise cli.UsageError("--protocol paper needs --model /path/to/bert-large-uncased")
@@ -343,7 +349,11 @@ def check_args(args):
     cli.check_file_path(results, "--results")
     cli.check_folder_path(runs_dir, "--runs-dir")
     until = None if args.until is None else until_time(args.until)
-    return p, stages, figures, results, runs_dir, until
+    try:
+        only = re.compile(args.only or "")
+    except re.error as e:
+        raise cli.UsageError(f"--only {args.only!r} is not a regular expression ({e}); e.g. --only '3ep/.*bpa'")
+    return p, stages, figures, results, runs_dir, until, only
 
 
 def until_time(text, now=None):

@@ -165,6 +165,22 @@ def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatc
     assert not any("--poison-pool" in ln for ln in e1)  # each attack's own pool
 
 
+def test_only_plans_the_runs_whose_name_matches_in_the_sweeps_order(stub_glue, tmp_path, capsys, monkeypatch):
+    """--only '3ep/.*bpa' keeps the six three-epoch BPA runs (2 modes x seeds 0-2) out of every grid, seed by seed;
+    a pattern that is no regular expression is a usage error naming the flag."""
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
+    argv = ["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"), "--runs-dir",
+            str(tmp_path / "runs")]
+    sweep.main(argv + ["--only", "3ep/.*bpa"])
+    lines = capsys.readouterr().out.splitlines()
+    names = [ln.split(str(tmp_path / "runs") + "/")[1].split()[0] for ln in lines]
+    assert names == [f"3ep/sst2-{m}-bpa0.0015-s{s}" for s in (0, 1, 2) for m in ("lora-r8-ku-k0.333", "ff")]
+    with pytest.raises(SystemExit):
+        sweep.main(argv + ["--only", "3ep/(bpa"])
+    assert "--only '3ep/(bpa' is not a regular expression" in capsys.readouterr().err
+
+
 def test_follow_ups_run_last_once_entered(stub_glue, tmp_path, capsys, monkeypatch):
     """The `follow` stage is empty until a follow-up is entered in the protocol; then it runs FF and LoRA r8 at the
     added rate, 5 seeds, after every other stage, with the grid's settings of its task and attack."""
