@@ -12,13 +12,15 @@ is cut into three seeded thirds (dev_split): `fit` (what a detector learns from)
 set) and `test` (where it is measured, with the test third's non-target rows triggered as the attacked inputs).
   strip  STRIP: Gao, Xu, Wang, Chen, Ranasinghe, Nepal, "STRIP: A Defence Against Trojan Attacks on Deep Neural
          Networks", ACSAC 2019; its text version in Gao et al., "Design and Evaluation of a Multi-Domain Trojan
-         Detection Method on Deep Neural Networks", IEEE TDSC 2021.
+         Detection Method on Deep Neural Networks", IEEE TDSC 2022 (early access 2021).
          N copies of the input (default 20), each with half its words (space-separated, text_a; round(n / 2),
          halves to even, at least 1) swapped, at distinct positions, for random words of one random clean fit
          sample (the draws seeded by `seed`, afresh for each set of inputs scored); the input's score is the mean over
          ITS OWN copies of the entropy -sum_c p_c log2 p_c of the prediction. A trigger that survives the swaps
-         keeps the prediction sure: low entropy = suspicious (score = -entropy). (OpenBackdoor's STRIP swaps in
-         the donor's highest-TF-IDF words and reshapes its (input x copy) entropies copy-major, mixing inputs.)
+         keeps the prediction sure: low entropy = suspicious (score = -entropy). Where we differ: the donor's words
+         are drawn at random, our choice; both reference codes (RAP's strip_vita.py, OpenBackdoor's STRIP) swap in
+         the donor's highest-TF-IDF words. (OpenBackdoor also reshapes its (input x copy) entropies copy-major,
+         mixing inputs.)
   rap    RAP: Yang, Lin, Li, Zhou, Sun, "RAP: Robustness-Aware Perturbations for Defending against Backdoor Attacks
          on NLP Models", EMNLP 2021. The embedding of one rare word (default "cf"), inserted at the start, is
          learned on clean target-class samples so that it lowers the target-class probability p_T by between 0.1
@@ -27,10 +29,12 @@ set) and `test` (where it is measured, with the test third's non-target rows tri
          attacked and get -2, below every -Delta (RAP only examines inputs predicted as the protected label).
          The loss is the RAP repository's: mean relu(d + 0.1) + mean relu(-d - 0.3), d = p_T(cf + x) - p_T(x),
          5 epochs; we step with Adam (lr 0.01) where the repository takes plain gradient steps (never zeroing
-         them) and keeps the embedding's norm. Our FRR and FAR count every clean and every triggered test input;
-         RAP's own evaluation counts only those with p_T > 0.5, so our "FRR 1%" flags about 2% of the clean inputs
-         RAP examines, and a triggered input the attack fails on counts as accepted (the same definition for every
-         detector here, as pre-registered; not comparable with RAP's own numbers).
+         them) and keeps the embedding's norm, we learn with dropout off where it leaves the model in training
+         mode (dropout on), and we reshuffle every epoch where it shuffles once. Our FRR and FAR count every clean
+         and every triggered test input; RAP's own evaluation counts only those with p_T > 0.5, so our "FRR 1%"
+         flags about 2% of the clean inputs RAP examines, and a triggered input the attack fails on counts as
+         accepted (the same definition for every detector here, as pre-registered; not comparable with RAP's own
+         numbers).
   dan    DAN: Chen, Yang, Zhang, Bi, Sun, "Expose Backdoors on the Way: A Feature-Based Efficient Defense against
          Textual Backdoor Attacks", Findings of EMNLP 2022. Per layer l = 1..L, class-conditional Gaussians with a
          shared covariance are fitted to the clean samples' [CLS] states; s_l(x) = min_k (h_l - mu_k)^T S^-1
@@ -41,7 +45,8 @@ set) and `test` (where it is measured, with the test third's non-target rows tri
          a fifth of its clean data, and the score is the mean over layers (the authors' README runs
          `--std --agg mean`; their `min` option is the maximum of the standardised distances). (The embeddings'
          [CLS] is the same for every input and is left out.) Where we differ: they pool tokens by default, we
-         read [CLS].
+         read [CLS]; their evaluation keeps only the test inputs predicted as the protected label, ours counts every
+         clean and triggered test input (as for RAP above: not comparable with DAN's own numbers).
 
 Training-data filters. Each ranks the training rows, using the model trained on the (poisoned) training set, and
 drops the suspects; retraining on the rest is train.py --drop-rows FILE.
@@ -49,13 +54,15 @@ drops the suspects; retraining on the rest is train.py --drop-rows FILE.
          (Algorithm 1). Per label y, the last layer's [CLS] states R_y are centred; the score of a row is the square
          of its projection on the top right singular vector of the centred R_y; from each label the ceil(1.5 *
          eps) rows with the highest scores are dropped, eps = the expected number of poisoned rows (the paper's upper
-         bound; we pass the attack's own count, round(rate * N)).
+         bound; we pass the attack's own count, round(rate * N), N = the rows the run trained on: on a run trained
+         with --drop-rows, the rows it kept).
   ac     Activation clustering: Chen, Carvalho, Baracaldo, Ludwig, Edwards, Lee, Molloy, Srivastava, "Detecting
          Backdoor Attacks on Deep Neural Networks by Activation Clustering", SafeAI@AAAI 2019. Per label, the last
          layer's [CLS] states are reduced to 10 dimensions and split by 2-means; the smaller cluster is poison when
-         it holds at most 35% of the label's rows (the paper's relative-size analysis, with IBM ART's default
-         threshold; ART rounds the share to 2 decimals and flags below 0.35, which differs only at 34.5-35%). We
-         reduce with PCA where the paper used ICA (torch has no ICA; PCA is the common stand-in). Rank: distance
+         it holds at most 35% of the label's rows (the paper's relative-size analysis, with the default threshold
+         of IBM ART's "relative-size" option; ART rounds the share to 2 decimals and flags below 0.35, which differs
+         only at 34.5-35%; ART's default analysis, "smaller", flags the smaller cluster always). We reduce with PCA
+         where the paper used ICA (torch has no ICA; PCA is ART's default too). Rank: distance
          from the centre of the label's larger cluster.
   bki    BKI: Chen, Dai, "Mitigating backdoor attacks in LSTM-based text classification systems by Backdoor Keyword
          Identification", Neurocomputing 2021. The importance of word i of a row is ||h(x) - h(x without word
@@ -68,9 +75,9 @@ drops the suspects; retraining on the rest is train.py --drop-rows FILE.
          the keyword (OpenBackdoor drops only the rows where it was among the top 5).
 
 ONION (Qi, Chen, Li, Yao, Liu, Sun, "ONION: A Simple and Effective Defense Against Textual Backdoor Attacks", EMNLP
-2021) is left out: it removes the words whose deletion lowers a language model's (GPT-2's) perplexity most, and no
-pretrained language model is available offline here. A stand-in scorer (e.g. our BERT's masked-word loss) would
-measure a different defence, so none is provided.
+2021) is left out: it removes the words whose deletion lowers a language model's (GPT-2's) perplexity by more than
+a threshold, and no pretrained language model is available offline here. A stand-in scorer (e.g. our BERT's
+masked-word loss) would measure a different defence, so none is provided.
 
 Metrics (the field's conventions; "flagged" = score > threshold):
   AUROC      P(score of a triggered test input > score of a clean test input), ties counting 1/2 (Mann-Whitney);
