@@ -166,8 +166,8 @@ def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatc
 
 
 def test_only_plans_the_runs_whose_name_matches_in_the_sweeps_order(stub_glue, tmp_path, capsys, monkeypatch):
-    """--only '3ep/.*bpa' keeps the six three-epoch BPA runs (2 modes x seeds 0-2) out of every grid, seed by seed;
-    a pattern that is no regular expression is a usage error naming the flag."""
+    """Of all the grids' runs, --only '3ep/.*bpa' keeps just the six three-epoch BPA runs (2 modes x seeds 0-2),
+    seed by seed; a pattern that is no regular expression is a usage error naming the flag."""
     stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
     monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
     argv = ["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"), "--runs-dir",
