@@ -106,7 +106,7 @@ def measure(stage, todo, results, drops, data_dir):
 
 
 def key(flags):
-    """A source run's key, from its train.py flags: the key of the results lines measured on it."""
+    """A run's key, from its train.py flags: for a source run, the key of the results lines measured on it."""
     return runspec.run_key(sweep.resolve(flags))
 
 
@@ -123,7 +123,7 @@ def retrain_plan(runs, results, retrained):
             if line is None:
                 continue
             retrain = flags + ["--drop-rows", line["drop_rows"]]
-            if runspec.run_key(sweep.resolve(retrain)) not in done:
+            if key(retrain) not in done:
                 plan.append((os.path.join("defend", os.path.splitext(os.path.basename(line["drop_rows"]))[0]), retrain))
     return plan
 
@@ -168,10 +168,10 @@ def measurements(results, retrained, runs):
     """(lines, after): the source runs' current results lines, {(defence, rate, mode, seed): line}, and the final
     metrics of the retrainings on their filters' drop files, keyed the same. Lines of other runs (another rank, a
     stray test run) and retrainings on an older drop file of a filter are left out."""
-    keys = {runspec.run_key(sweep.resolve(flags)) for _, flags in runs}
+    keys = {key(flags) for _, flags in runs}
     lines = {}
-    for (key, name), r in measured(results).items():
-        if key in keys:
+    for (k, name), r in measured(results).items():
+        if k in keys:
             c = r["config"]
             lines[(name, c["poison_rate"], c["mode"], c["seed"])] = r
     drops = {os.path.basename(r["drop_rows"]) for r in lines.values() if "drop_rows" in r}
@@ -373,14 +373,13 @@ def run_stage(stage, a):
     runs = source_runs(spec["rates"], seeds_of(spec, a), a.runs_dir)
     if stage in ("plan", "sources", "detect", "filter"):
         todo = owed(runs, a.results, seeds_of(FILTER, a))
-    if stage == "plan":
-        return plan(todo, a.runs_dir, a.sources_results)
-    if stage == "sources":
-        train = not_at_hand(todo, a.runs_dir)
-        if train:
-            sweep.run_all(train, a.jobs, a.runs_dir, a.sources_results)
-        return report_reproduced(a)
-    if stage in ("detect", "filter"):
+        if stage == "plan":
+            return plan(todo, a.runs_dir, a.sources_results)
+        if stage == "sources":
+            train = not_at_hand(todo, a.runs_dir)
+            if train:
+                sweep.run_all(train, a.jobs, a.runs_dir, a.sources_results)
+            return report_reproduced(a)
         names = defences.DETECTORS if stage == "detect" else defences.FILTERS
         return measure(stage, [(f, flags, [n for n in owe if n in names]) for f, flags, owe in todo],
                        a.results, a.drops, a.data_dir)
