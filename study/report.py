@@ -111,6 +111,8 @@ def figure_data(groups, spec):
         series = cfg[spec["series"]]
         if spec["series"] == "attack":  # rank/variance sweeps: one band per (attack, rate)
             series = "clean" if series == "none" else f"{series} {cfg['poison_rate']:g}"
+        elif spec["x"] != "poison_rate":  # Tab. E.1 (rows = attacks): one column per (mode, rate)
+            series = f"{series} {cfg['poison_rate']:g}"
         if cfg["mode"] == "lora" and cfg.get("rslora"):  # alpha/sqrt(r) is another sweep, never pooled with alpha/r
             series = f"{series} rsLoRA"
         for panel in spec["panels"]:
@@ -126,7 +128,7 @@ def figure_data(groups, spec):
             xs = [x for x, *_ in pts]
             if len(set(xs)) < len(xs):  # two settings would share a point and one would hide the other
                 raise ValueError(f"{spec['title']}: two settings put series {s!r} at the same {spec['x']} "
-                                 f"{sorted(x for x in xs if xs.count(x) > 1)[0]:g}; they differ in a field the figure "
+                                 f"{_fmt(sorted(x for x in xs if xs.count(x) > 1)[0])}; they differ in a field the figure "
                                  f"does not show (as alpha/r and rsLoRA did): give them their own series in figure_data")
     return {p: series for p, series in kept.items() if series}
 

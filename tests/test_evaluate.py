@@ -147,6 +147,17 @@ def test_each_task_has_its_own_findings_tables_and_figures(tmp_path):
     assert not (tmp_path / "rep" / "fig1.png").exists()
 
 
+def test_table_e1_keeps_each_rate_apart(tmp_path):
+    # conv runs Tab. E.1 at two rates: each (mode, rate) is its own column, never a 'duplicate' row
+    lines = [_line(0, 0.9, mode=m, attack=a, rate=r, asr=asr)
+             for m in ("ff", "lora") for a in ("mt", "sbpa") for r, asr in ((0.0015, 0.2), (0.0045, 0.6))]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    asr = R.figure_data(R.group_runs(ledger.runs(path)), R.TABLE_SPECS["tabE1"])["asr"]
+    assert sorted(asr) == ["ff 0.0015", "ff 0.0045", "lora 0.0015", "lora 0.0045"]
+    assert [(x, m) for x, m, *_ in asr["lora 0.0045"]] == [("mt", 0.6), ("sbpa", 0.6)]
+
+
 def test_two_settings_at_one_figure_point_is_an_error_not_a_hidden_run(tmp_path):
     # two rank sweeps that differ only in a field Fig. 4 does not show (the learning rate): one would hide the other
     lines = [_line(0, 0.9, attack="bpa", rate=0.01, rank=r, asr=0.5) for r in (4, 8, 64)]
