@@ -109,9 +109,9 @@ def figure_data(groups, spec):
         if "xs" in spec and cfg[spec["x"]] not in spec["xs"]:
             continue
         series = cfg[spec["series"]]
-        if spec["series"] == "attack":  # rank/variance sweeps: one band per (attack, rate)
-            series = "clean" if series == "none" else f"{series} {cfg['poison_rate']:g}"
-        elif spec["x"] != "poison_rate":  # Tab. E.1 (rows = attacks): one column per (mode, rate)
+        if series == "none":  # rank/variance sweeps: the clean band
+            series = "clean"
+        elif spec["x"] != "poison_rate":  # the rate is not on the x axis: one band (Tab. E.1: column) per rate
             series = f"{series} {cfg['poison_rate']:g}"
         if cfg["mode"] == "lora" and cfg.get("rslora"):  # alpha/sqrt(r) is another sweep, never pooled with alpha/r
             series = f"{series} rsLoRA"
