@@ -224,8 +224,9 @@ def markdown(rows):
     for what, name, rate, e in rows:
         note = effects.SATURATED if e["saturated"] else \
             f" (about {e['seeds_needed']} seeds for this mean)" if e["seeds_needed"] else ""
-        out.append(f"| {what} | {name} | {rate:.2%} | {stats.interval_text(e, 100)} | {e['n']} of {e['registered']} | "
-                   f"{e['verdict']}{note} |")
+        value, verdict = (stats.interval_text(e, 100), e["verdict"] + note) if e["n"] >= 2 else \
+            (f"{100 * e['mean']:+.1f} (one seed)", effects.NO_INTERVAL)
+        out.append(f"| {what} | {name} | {rate:.2%} | {value} | {e['n']} of {e['registered']} | {verdict} |")
     return "\n".join(out)
 
 
@@ -273,6 +274,27 @@ def _spread(values, count=False):
         return f"{values[0]:.1f} (n=1)"
     e = stats.effect(values)
     return f"{e['mean']:.1f} [{e['lo']:.1f}, {e['hi']:.1f}] (n={e['n']})"
+
+
+def report(results, retrained, what=("effects", "figure"), verbose=False):
+    """Write defences.md (what: "effects": the contrasts and the measures beside them) and defences.png ("figure")
+    next to the results file; return the contrasts table, the part of defences.md that REPORT.md shows. The stages
+    `effects` and `figure` call it, and so does `python -m study.report all`, which keeps both current."""
+    lines, after = measurements(results, retrained, source_runs(DETECT["rates"], DETECT["seeds"], ""))
+    table = markdown(contrasts(lines, after))
+    if "effects" in what:
+        text = "## The pre-registered contrasts\n\n" + table + \
+            "\n\n## Reported beside them, without a verdict\n\n" + describe(lines, after) + "\n"
+        path = os.path.join(os.path.dirname(results), "defences.md")
+        cli.write_file(path, text)
+        if verbose:
+            print(text + f"\n(written to {path})")
+    if "figure" in what:
+        path = os.path.join(os.path.dirname(results), "defences.png")
+        drawn = figure(lines, after, path)
+        if verbose:
+            print(f"wrote {path}" if drawn else "nothing to draw yet")
+    return table
 
 
 def figure(lines, after, path):
@@ -384,17 +406,7 @@ def run_stage(stage, a):
         return measure(stage, [(f, flags, [n for n in owe if n in names]) for f, flags, owe in todo],
                        a.results, a.drops, a.data_dir)
     if stage in ("effects", "figure"):
-        lines, after = measurements(a.results, a.retrain_results, source_runs(DETECT["rates"], DETECT["seeds"],
-                                                                               a.runs_dir))
-    if stage == "effects":
-        text = "## The pre-registered contrasts\n\n" + markdown(contrasts(lines, after)) + \
-            "\n\n## Reported beside them, without a verdict\n\n" + describe(lines, after) + "\n"
-        path = os.path.join(os.path.dirname(a.results), "defences.md")
-        cli.write_file(path, text)
-        return print(text + f"\n(written to {path})")
-    if stage == "figure":
-        path = os.path.join(os.path.dirname(a.results), "defences.png")
-        return print(f"wrote {path}" if figure(lines, after, path) else "nothing to draw yet")
+        return report(a.results, a.retrain_results, (stage,), verbose=True)
     todo = retrain_plan(runs, a.results, a.retrain_results)
     if a.print:
         for name, flags in todo:

@@ -17,7 +17,7 @@ import attacks
 import cli
 import ledger
 import runspec
-from study import ROOT, calibrate, delay, effects, numerics, stats
+from study import ROOT, calibrate, defend, delay, effects, numerics, stats
 
 THEORY = os.path.join(ROOT, "results", "theory")
 
@@ -509,7 +509,7 @@ def thm36_rows(root):
 
 
 def report_all(root):
-    """Every results/<protocol>/results.jsonl's report, then results/verdicts.md."""
+    """Every results/<protocol>/results.jsonl's report, then results/verdicts.md, then the defences experiment's."""
     rows, compute, zoos, runs_of = {}, [], [], {}
     for protocol in sorted(os.listdir(root)):
         path = os.path.join(root, protocol, "results.jsonl")
@@ -527,6 +527,10 @@ def report_all(root):
     splice(os.path.join(root, "REPORT.md"), text)
     if zoos:  # every protocol that ran the zoo, one after another (one splice would overwrite the other)
         splice(os.path.join(root, "REPORT.md"), "\n\n".join(zoos), "zoo")
+    measured = os.path.join(root, "conv", "defences.jsonl")
+    if os.path.isfile(measured):  # the defences experiment (study/defend.py): defences.md, .png, REPORT.md's table
+        splice(os.path.join(root, "REPORT.md"),
+               defend.report(measured, os.path.join(root, "conv", "defences-retrain.jsonl")), "defences")
     print(text)
 
 

@@ -51,6 +51,18 @@ def test_effects_pair_ff_and_lora_by_seed(tmp_path):
     assert defend.figure(lines, after, str(tmp_path / "f.png")) and (tmp_path / "f.png").stat().st_size > 0
 
 
+def test_a_contrast_of_one_paired_seed_has_no_interval_yet(tmp_path):
+    # seed 0 alone: FF's AUROC 0.9, LoRA's 0.6, so +30.0 points, and no t-interval (one difference has no spread)
+    path, runs = tmp_path / "d.jsonl", defend.source_runs((0.0015,), (0,), str(tmp_path))
+    for folder, flags in runs:
+        auroc = 0.6 if flags[flags.index("--mode") + 1] == "lora" else 0.9
+        ledger.append(str(path), result_line(flags, "dan", {"auroc": auroc, "frr0.01": {"asr": 0.5},
+                                                            "frr0.05": {"asr": 0.5}, "before": {"asr": 1.0}}))
+    text = defend.markdown(defend.contrasts(*defend.measurements(str(path), str(tmp_path / "none.jsonl"), runs)))
+    assert "| detection AUROC | dan | 0.15% | +30.0 (one seed) | 1 of 5 | no interval yet (under 2 paired seeds) |" \
+        in text and "inf" not in text
+
+
 def test_the_measures_beside_the_contrasts_are_mean_and_t_interval_per_mode(tmp_path):
     # FF's spectral precision 0.5, 0.7, 0.9 over seeds 0-2: mean 70.0, half-width t(0.975, 2) x 20 / sqrt(3) = 49.7;
     # LoRA's precision is undefined (nothing dropped) in seed 0, so its n is 2
