@@ -322,11 +322,13 @@ def figure(lines, after, path):
         ax.axis("off")
     for ax, ((name, rate), cell) in zip(axes.flat, sorted(bars.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
         for i, ((mode, when), vals) in enumerate(sorted(cell.items(), key=lambda kv: (kv[0][0], kv[0][1] != "before"))):
-            e = stats.effect(vals) if len(vals) > 1 else dict(mean=vals[0], lo=vals[0], hi=vals[0])
-            ax.bar(i, e["mean"], yerr=[[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]],
+            e = stats.effect(vals) if len(vals) > 1 else None  # one seed: a bar without an interval
+            ax.bar(i, sum(vals) / len(vals), yerr=e and [[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]],
                    color="tab:red" if mode == "ff" else "tab:blue", alpha=1.0 if when == "before" else 0.5, capsize=3)
             ax.text(i, 2, f"{mode}\n{when}", ha="center", fontsize=6, rotation=90, va="bottom")
-        ax.set_title(f"{name}, BPA {rate:.2%}", fontsize=8)
+        seeds = sorted({len(vals) for vals in cell.values()})
+        ax.set_title(f"{name}, BPA {rate:.2%}, seeds: {'-'.join(map(str, seeds))}"
+                     + (" (no interval)" if seeds == [1] else ""), fontsize=8)
         ax.set_xticks([])
     for row in axes:
         row[0].set_ylabel("ASR (%), mean and 95% CI")

@@ -61,6 +61,7 @@ def test_a_contrast_of_one_paired_seed_has_no_interval_yet(tmp_path):
     text = defend.markdown(defend.contrasts(*defend.measurements(str(path), str(tmp_path / "none.jsonl"), runs)))
     assert "| detection AUROC | dan | 0.15% | +30.0 (one seed) | 1 of 5 | no interval yet (under 2 paired seeds) |" \
         in text and "inf" not in text
+    assert defend.figure(*defend.measurements(str(path), str(tmp_path / "none.jsonl"), runs), str(tmp_path / "f.png"))
 
 
 def test_the_measures_beside_the_contrasts_are_mean_and_t_interval_per_mode(tmp_path):
