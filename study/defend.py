@@ -120,7 +120,7 @@ def retrain_plan(runs, results, retrained):
     for _, flags in runs:
         for name in defences.FILTERS:
             line = lines.get((key(flags), name))
-            if line is None:
+            if line is None or not line["metrics"]["n_dropped"]:  # nothing dropped: see measurements
                 continue
             retrain = flags + ["--drop-rows", line["drop_rows"]]
             if key(retrain) not in done:
@@ -167,7 +167,10 @@ def reproduced(sources_results, committed):
 def measurements(results, retrained, runs):
     """(lines, after): the source runs' current results lines, {(defence, rate, mode, seed): line}, and the final
     metrics of the retrainings on their filters' drop files, keyed the same. Lines of other runs (another rank, a
-    stray test run) and retrainings on an older drop file of a filter are left out."""
+    stray test run) and retrainings on an older drop file of a filter are left out. A filter that dropped nothing
+    left the training set as it was: training on it again is the source run (train.py is deterministic on CPU: a
+    source run trained again reproduces its committed line bit for bit, with one exception in REPORT.md), so that run's own final evaluation stands as its
+    retraining, and retrain_plan trains none."""
     keys = {key(flags) for _, flags in runs}
     lines = {}
     for (k, name), r in measured(results).items():
@@ -177,6 +180,10 @@ def measurements(results, retrained, runs):
     drops = {os.path.basename(r["drop_rows"]) for r in lines.values() if "drop_rows" in r}
     after = {_retrained_of(r["config"]): r["metrics"] for r in sweep.finished_runs(retrained)
              if os.path.basename(r["config"].get("drop_rows") or "") in drops}
+    for k, r in lines.items():
+        if k[0] in defences.FILTERS and not r["metrics"]["n_dropped"]:
+            s = r["source"]
+            after[k] = {"clean": {"acc": s["cacc"]}, "asr": s["asr"], "asr_net": s["asr_net"]}
     return lines, after
 
 

@@ -129,12 +129,32 @@ def test_retrain_plan_has_one_run_per_drop_file_until_its_line_is_in(tmp_path):
             json.dump({"dropped": dropped}, f)
         if results.exists():
             results.unlink()
-        ledger.append(str(results), result_line(flags, "ac", {"recall": 0.5}, drop_rows=drop))
+        ledger.append(str(results), result_line(flags, "ac", {"recall": 0.5, "n_dropped": len(dropped)}, drop_rows=drop))
         plan = defend.retrain_plan(runs, str(results), str(retrained))
         assert [name for name, _ in plan] == [os.path.join("defend", os.path.splitext(os.path.basename(drop))[0])]
         assert plan[0][1][-2:] == ["--drop-rows", drop]
         ledger.append(str(retrained), {"config": sweep.resolve(plan[0][1]), "metrics": {"asr": 0.1}})
         assert defend.retrain_plan(runs, str(results), str(retrained)) == []
+
+
+def test_a_filter_that_dropped_nothing_is_not_retrained_and_its_source_run_stands_for_it(tmp_path):
+    # seed 0 at 0.45%: AC drops nothing from FF's training set and rows 1-2 from LoRA's. Only LoRA's set changed, so
+    # only LoRA is planned; FF's "after retraining" is its source run's own final evaluation (ASR 1.0, CACC 0.88)
+    runs = defend.source_runs(defend.FILTER["rates"], (0,), str(tmp_path))
+    results = tmp_path / "d.jsonl"
+    source = {"cacc": 0.88, "asr": 1.0, "asr_net": 1.0}
+    for folder, flags in runs:
+        dropped = [1, 2] if flags[flags.index("--mode") + 1] == "lora" else []
+        drop = defend.drop_file(str(tmp_path / "drops"), folder, "ac", dropped)
+        os.makedirs(os.path.dirname(drop), exist_ok=True)
+        with open(drop, "w") as f:
+            json.dump({"dropped": dropped}, f)
+        ledger.append(str(results), result_line(flags, "ac", {"recall": 0.0, "n_dropped": len(dropped)},
+                                                drop_rows=drop, source=source))
+    plan = defend.retrain_plan(runs, str(results), str(tmp_path / "none.jsonl"))
+    assert [f[f.index("--mode") + 1] for _, f in plan] == ["lora"]
+    _, after = defend.measurements(str(results), str(tmp_path / "none.jsonl"), runs)
+    assert after == {("ac", 0.0045, "ff", 0): {"clean": {"acc": 0.88}, "asr": 1.0, "asr_net": 1.0}}
 
 
 def test_all_until_starts_only_the_chunks_estimated_to_end_by_then(tmp_path, monkeypatch, capsys):
