@@ -450,6 +450,29 @@ def test_every_defence_runs_on_a_saved_run_and_its_result_is_strict_json(tiny_ru
             assert m["n_poisoned"] == 12 and len(result["dropped"]) == m["n_dropped"]
 
 
+def test_the_spectral_probe_on_a_saved_run_ranks_as_spectral_signatures_do(tiny_run, tmp_path, capsys):
+    # study/spectral_probe.py's top-direction AUROC is the AUROC of the defence's own spectral scores on the target
+    # label, poisoned rows against clean ones, computed here from defences.spectral_scores
+    from study import spectral_probe
+    root, flags = tiny_run
+    out = tmp_path / "probe.jsonl"
+    spectral_probe.main([str(root / "run"), "--out", str(out)])
+    [line] = [json.loads(x) for x in out.read_text().splitlines()]
+    args, net = evaluate.load_run(str(root / "run"))
+    train_set, _, poisoned = train.load_data(args)
+    reps = D.outputs(net, train_set, data.Tokenizer(args.model), args.max_len, D.LAST)[1][0]
+    labels = [e.label for e in train_set]
+    scores = D.spectral_scores(reps, labels)
+    target = [i for i, y in enumerate(labels) if y == TARGET]
+    bad = set(poisoned)
+    expected = D.auroc(scores[[i for i in target if i not in bad]], scores[[i for i in target if i in bad]])
+    assert line["n_poisoned"] == 12 and line["n_rows"] == len(target)
+    assert line["auroc_top"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(SystemExit) as exit_:
+        spectral_probe.main([str(tmp_path), "--out", str(out)])
+    assert exit_.value.code == 2 and "not a run folder" in capsys.readouterr().err
+
+
 def test_the_study_driver_appends_one_line_per_run_and_defence_and_owes_the_rest(tiny_run, tmp_path):
     from study import defend
     root, flags = tiny_run
