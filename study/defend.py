@@ -169,8 +169,8 @@ def measurements(results, retrained, runs):
     metrics of the retrainings on their filters' drop files, keyed the same. Lines of other runs (another rank, a
     stray test run) and retrainings on an older drop file of a filter are left out. A filter that dropped nothing
     left the training set as it was: training on it again is the source run (train.py is deterministic on CPU: a
-    source run trained again reproduces its committed line bit for bit, with one exception in REPORT.md), so that run's own final evaluation stands as its
-    retraining, and retrain_plan trains none."""
+    source run trained again reproduces its committed line bit for bit, with one exception in REPORT.md), so that
+    run's own final evaluation stands as its retraining, and retrain_plan trains none."""
     keys = {key(flags) for _, flags in runs}
     lines = {}
     for (k, name), r in measured(results).items():

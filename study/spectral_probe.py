@@ -8,10 +8,10 @@ of the rows is exactly
 
     Sigma = (1 - eps) Sigma_clean + eps Sigma_poison + eps (1 - eps) d d^T,      d = mu_poison - mu_clean,
 
-with eps the poisoned share of the label. The poison's mean shift adds variance eps (1 - eps) |d|^2 along d; when
-that is below the clean rows' top eigenvalue, the top singular vector is a clean direction and the score ranks
-the clean data's own spread, not the poison. The probe measures, on the target label of a finished backdoor run:
-    separation  eps (1 - eps) |d|^2 / lambda_1(Sigma_clean): above 1 the shift is the label's largest variance
+with eps the poisoned share of the label. The poison's mean shift adds variance eps (1 - eps) |d|^2 along d; well
+below the clean rows' top eigenvalue, it leaves the top singular vector a clean direction, and the score ranks the
+clean rows' own spread, not the poison. The probe measures, on the target label of a finished backdoor run:
+    separation  eps (1 - eps) |d|^2 / lambda_1(Sigma_clean): the shift's variance against the clean rows' largest
     auroc_top   AUROC (defences.auroc) of the spectral score, poisoned against clean rows of the label; the
                 defence drops the top rows, so 0.5 is chance and below 0.5 means the poison sits near the centre
     auroc_d     the same score on d's direction instead (an oracle that knows the poison's mean): how well any

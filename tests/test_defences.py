@@ -489,7 +489,8 @@ def test_the_study_driver_appends_one_line_per_run_and_defence_and_owes_the_rest
 def test_the_study_drivers_all_measures_then_retrains_each_filtered_set(tiny_run, tmp_path, monkeypatch, capsys):
     # `all` on one finished source run (standing in for the conv BPA runs, its rate made a filter rate): every detector
     # and filter once, then one retraining per filter's drop file that drops rows, through the sweep's runner
-    # (stubbed: the training itself is train.py's). Run again without the run's folder, it trains and measures nothing: the run owes nothing
+    # (stubbed: the training itself is train.py's). Run again without the run's folder, it trains and measures
+    # nothing: the run owes nothing
     from study import defend, sweep
     root, flags = tiny_run
     monkeypatch.setattr(defend, "source_runs", lambda rates, seeds, runs_dir: [(str(root / "run"), flags)])
