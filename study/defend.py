@@ -120,12 +120,17 @@ def retrain_plan(runs, results, retrained):
     for _, flags in runs:
         for name in defences.FILTERS:
             line = lines.get((key(flags), name))
-            if line is None or not line["metrics"]["n_dropped"]:  # nothing dropped: see measurements
+            if line is None or kept_all(line):
                 continue
             retrain = flags + ["--drop-rows", line["drop_rows"]]
             if key(retrain) not in done:
                 plan.append((os.path.join("defend", os.path.splitext(os.path.basename(line["drop_rows"]))[0]), retrain))
     return plan
+
+
+def kept_all(line):
+    """Whether a filter's results line dropped no row: its retraining is the source run (see measurements)."""
+    return not line["metrics"]["n_dropped"]
 
 
 def owed(runs, results, filter_seeds):
@@ -181,7 +186,7 @@ def measurements(results, retrained, runs):
     after = {_retrained_of(r["config"]): r["metrics"] for r in sweep.finished_runs(retrained)
              if os.path.basename(r["config"].get("drop_rows") or "") in drops}
     for k, r in lines.items():
-        if k[0] in defences.FILTERS and not r["metrics"]["n_dropped"]:
+        if k[0] in defences.FILTERS and kept_all(r):
             s = r["source"]
             after[k] = {"clean": {"acc": s["cacc"]}, "asr": s["asr"], "asr_net": s["asr_net"]}
     return lines, after

@@ -39,8 +39,7 @@ def probe(reps, labels, poisoned, target, dirs=10):
     labels = torch.as_tensor(labels)
     rows = (labels == target).nonzero().squeeze(1)
     x = reps[rows].double()
-    bad = torch.zeros(len(rows), dtype=torch.bool)
-    bad[torch.isin(rows, torch.as_tensor(sorted(poisoned), dtype=torch.long))] = True
+    bad = torch.isin(rows, torch.as_tensor(poisoned, dtype=torch.long))
     if not bad.any() or bad.all():
         raise ValueError(f"label {target} needs both poisoned and clean rows (it has {int(bad.sum())} poisoned "
                          f"of {len(rows)})")
@@ -54,10 +53,10 @@ def probe(reps, labels, poisoned, target, dirs=10):
         score = (centred @ direction) ** 2
         return defences.auroc(score[~bad], score[bad])
 
+    tops = [auroc_on(v) for v in vh[:dirs]]  # the first is spectral signatures' own score
     return dict(target=target, n_rows=len(rows), n_poisoned=int(bad.sum()),
                 separation=float(eps * (1 - eps) * shift.norm() ** 2 / top_clean),
-                auroc_top=auroc_on(vh[0]), auroc_d=auroc_on(shift / shift.norm()),
-                top_dirs=[round(auroc_on(v), 4) for v in vh[:dirs]])
+                auroc_top=tops[0], auroc_d=auroc_on(shift / shift.norm()), top_dirs=[round(a, 4) for a in tops])
 
 
 def probe_run(run_dir, data_dir=None):
