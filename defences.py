@@ -72,7 +72,8 @@ drops the suspects; retraining on the rest is train.py --drop-rows FILE.
          OpenBackdoor counts positions, so a word repeated in a sentence counts twice); a word's score is mean
          importance x log10(number of rows it was among the top 5 of); the top word is the trigger, and every row
          containing it (as a space-separated word of text_a) is dropped, as the paper removes the samples holding
-         the keyword (OpenBackdoor drops only the rows where it was among the top 5).
+         the keyword (OpenBackdoor drops only the rows where it was among the top 5). For diagnosis only, its
+         result also lists the 10 best-scored words and the rank of each trigger word (None: never in a row's top 5).
 
 ONION (Qi, Chen, Li, Yao, Liu, Sun, "ONION: A Simple and Effective Defense Against Textual Backdoor Attacks", EMNLP
 2021) is left out: it removes the words whose deletion lowers a language model's (GPT-2's) perplexity by more than
@@ -492,18 +493,27 @@ def bki_keyword(net, tokenizer, examples, max_len, top_k):
 
 
 def bki_filter(net, tokenizer, examples, max_len, top_k):
-    """(keyword, dropped): the rows whose text_a holds BKI's keyword as a space-separated word."""
-    keyword, _ = bki_keyword(net, tokenizer, examples, max_len, top_k)
-    return keyword, [i for i, e in enumerate(examples) if keyword in e.text_a.split(" ")]
+    """(keyword, dropped, scores): the rows whose text_a holds BKI's keyword as a space-separated word."""
+    keyword, scores = bki_keyword(net, tokenizer, examples, max_len, top_k)
+    return keyword, [i for i, e in enumerate(examples) if keyword in e.text_a.split(" ")], scores
 
 
-def filter_rows(name, net, tokenizer, train_set, poisoned, max_len, expected=0):
+def word_ranks(scores, words):
+    """{word: its 1-based rank by BKI score, or None if it was never among a row's top words}."""
+    order = {w: r for r, w in enumerate(sorted(scores, key=scores.get, reverse=True), 1)}
+    return {w: order.get(w) for w in words}
+
+
+def filter_rows(name, net, tokenizer, train_set, poisoned, max_len, expected=0, trigger_words=()):
     """One filter on the training set the model was trained on: (its metrics: precision and recall against the
-    known poisoned rows; the indices of the rows it drops). expected: spectral's expected number of poisoned rows."""
+    known poisoned rows; the indices of the rows it drops). expected: spectral's expected number of poisoned rows.
+    BKI also records its 10 best-scored words and the rank of each of the attack's `trigger_words` (why it missed)."""
     out = dict(defence=name, n_train=len(train_set), n_poisoned=len(poisoned))
     opts = SETTINGS[name]
     if name == "bki":
-        out["keyword"], dropped = bki_filter(net, tokenizer, train_set, max_len, **opts)
+        out["keyword"], dropped, scores = bki_filter(net, tokenizer, train_set, max_len, **opts)
+        out["top_words"] = [[w, scores[w]] for w in sorted(scores, key=scores.get, reverse=True)[:10]]
+        out["trigger_ranks"] = word_ranks(scores, trigger_words)
     else:
         reps = outputs(net, train_set, tokenizer, max_len, LAST, progress=f"{name}: training rows' [CLS]")[1][0]
         labels = [e.label for e in train_set]
@@ -542,8 +552,15 @@ def run_defence(run_dir, name, frrs=FRRS, data_dir=None, expected=None):
         result["metrics"] = detect(name, net, tokenizer, dev, args.attack, runspec.attack_opts(args), args.max_len, frrs)
     else:
         n = attacks.count(args.poison_rate, len(train_set)) if expected is None else expected
-        result["metrics"], result["dropped"] = filter_rows(name, net, tokenizer, train_set, poisoned, args.max_len, n)
+        result["metrics"], result["dropped"] = filter_rows(name, net, tokenizer, train_set, poisoned, args.max_len, n,
+                                                           trigger_words(args))
     return result
+
+
+def trigger_words(args):
+    """The words of the run's trigger(s), as BKI's dictionary holds them (space-separated); none for a style attack."""
+    trigger = args.trigger if args.trigger is not None else attacks.ATTACKS[args.attack].trigger
+    return () if trigger is None else tuple(trigger.split(" ")) if isinstance(trigger, str) else tuple(trigger)
 
 
 def settings(name, frrs=FRRS):

@@ -158,13 +158,16 @@ def test_detectors_find_a_learned_trigger(request, tokenizer, which, name):
 @pytest.mark.parametrize("name", D.FILTERS)
 def test_filters_find_the_poisoned_rows(request, tokenizer, which, name):
     net, rows, poisoned, _ = request.getfixturevalue(which)
-    m, dropped = D.filter_rows(name, net, tokenizer, rows, poisoned, MAX_LEN, expected=len(poisoned))
+    m, dropped = D.filter_rows(name, net, tokenizer, rows, poisoned, MAX_LEN, expected=len(poisoned),
+                               trigger_words=("[.*?]", "absent"))
     assert m["recall"] > 0.9, m
     assert m["n_dropped"] == len(dropped) and m["precision"] == len(set(dropped) & set(poisoned)) / len(dropped)
     if name == "spectral":  # 1.5 x 40 rows from each of the two labels
         assert len(dropped) == 2 * 60
     if name == "bki":
         assert m["keyword"] == "[.*?]" and dropped == poisoned
+        assert m["top_words"][0][0] == "[.*?]" and m["trigger_ranks"] == {"[.*?]": 1, "absent": None}
+        assert len(m["top_words"]) == 10 and all(a[1] >= b[1] for a, b in zip(m["top_words"], m["top_words"][1:]))
 
 
 # -----------------------------------------------------------------------------
@@ -235,6 +238,7 @@ def test_bki_counts_a_word_once_per_row(tokenizer):
     keyword, scores = D.bki_keyword(net, tokenizer, rows, MAX_LEN, top_k=5)
     assert keyword == "bad"
     assert scores["good"] == pytest.approx(3.0 * math.log10(2)) and scores["bad"] == pytest.approx(2.5 * math.log10(3))
+    assert D.word_ranks(scores, ("good", "bad", "the", "absent")) == {"good": 2, "bad": 1, "the": 3, "absent": None}
 
 
 def test_strip_copies_swap_the_stated_share_of_words_for_donor_words():
@@ -480,6 +484,7 @@ def test_the_study_driver_appends_one_line_per_run_and_defence_and_owes_the_rest
     defend.measure("test", [(str(root / "run"), flags, ["dan", "bki"])], str(results), str(drops), None)
     lines = [json.loads(x) for x in results.read_text().splitlines()]
     assert [x["metrics"]["defence"] for x in lines] == ["dan", "bki"] and all(x["wall_s"] >= 0 for x in lines)
+    assert set(lines[1]["metrics"]["trigger_ranks"]) == {"[.*?]"}  # the run's bpa trigger, ranked (or None)
     with open(lines[1]["drop_rows"]) as f:
         assert runspec.read_drop_rows(f.name, 120) == sorted(json.load(f)["dropped"])
     # the run's flags find its lines: it owes the other detectors (BPA 10% is no filter rate of the study)
