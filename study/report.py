@@ -517,7 +517,7 @@ def report_all(root):
             if zoo := write_report(runs, os.path.join(root, protocol)):
                 zoos.append(f"From `results/{protocol}/zoo.md`:\n\n{zoo}")
             rows[protocol], runs_of[protocol] = effects.effects(runs), runs
-            compute.append(f"- `{protocol}`: {compute_used(runs)}")
+            compute.append(f"- `{protocol}`: {compute_used(runs, MACHINE.get(protocol, MACHINE[None]))}")
     if "conv-bf16" in runs_of and "conv" in runs_of:  # the bf16 numerics check against its fp32 twins
         write_text(os.path.join(root, "conv-bf16"), "numerics.md",
                    numerics.markdown(numerics.compare(runs_of["conv-bf16"], runs_of["conv"])))
@@ -557,11 +557,16 @@ def splice(path, table, name="verdicts"):
         f.write(f"{head}{table_begin}\n{table}\n{table_end}{tail}")
 
 
-def compute_used(runs):
+# where each results column's runs ran (their lines do not say; conv-bf16's provenance: results/conv-bf16/WHERE.md)
+MACHINE = {None: "this 2-core machine",
+           "conv-bf16": "one NVIDIA H200 GPU that 15 runs shared at a time"}
+
+
+def compute_used(runs, machine=MACHINE[None]):
     """The compute behind a results file: runs and the sum of their own wall times (train.py's wall_s; a run resumed
     before 2026-11-30 counts only its last process's time, as its checkpoints did not record the time before)."""
     seconds = sum(r.get("wall_s") or 0 for r in runs)
-    return f"{len(runs)} runs, {seconds / 3600:.1f} run-hours (each run's own wall time on this 2-core machine)"
+    return f"{len(runs)} runs, {seconds / 3600:.1f} run-hours (each run's own wall time on {machine})"
 
 
 VERDICTS_HEAD = """# Verdicts at a glance
