@@ -498,7 +498,8 @@ def finish(run, seen):
     final = evaluate.evaluate(run.net, run.tokenizer, run.dev, **eval_kw(run))
     evals = run.evals + [curve_point(run, final)]
     save_weights(run.net, args)
-    append_result(args, runspec.run_config(args), final, run.counts, len(run.poisoned), wall, evals)
+    where = {"device": run.device.type, "processes": run.world, "torch": torch.__version__}
+    append_result(args, runspec.run_config(args), final, run.counts, len(run.poisoned), wall, evals, where)
     metrics = {"final": final, "evals": evals, "train_loss": run.losses, "n_poisoned": len(run.poisoned),
                "wall_s": wall, "process_wall_s": process_wall,
                "samples_per_s": seen / process_wall if process_wall else None}
@@ -574,13 +575,14 @@ def save_weights(net, args):
         M.save_pretrained(net, os.path.join(args.out, "model"))
 
 
-def append_result(args, config, final, counts, n_poisoned, wall, history):
+def append_result(args, config, final, counts, n_poisoned, wall, history, where):
     """One line per finished run in the shared JSONL (ledger.append; a run is known by runspec.run_key of its config).
-    The curve holds each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`)."""
+    The curve holds each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`);
+    `where` the device type, process count and torch version it ran with (lines before 2026-12-04 lack it)."""
     curve = [{"step": h["step"], "samples": h["samples"], "poisoned_seen": h["poisoned_seen"], "n": h["clean"]["n"],
               "acc": h["clean"]["acc"], **{k: h[k] for k in ("asr", "asr_net") if k in h}} for h in history]
     line = {"config": config, "metrics": final, "params": counts, "n_poisoned": n_poisoned, "wall_s": round(wall, 2),
-            "out": args.out, "curve": curve}
+            "out": args.out, "where": where, "curve": curve}
     ledger.append(args.results, line)
 
 

@@ -557,7 +557,7 @@ def splice(path, table, name="verdicts"):
         f.write(f"{head}{table_begin}\n{table}\n{table_end}{tail}")
 
 
-# where each results column's runs ran (their lines do not say; conv-bf16's provenance: results/conv-bf16/WHERE.md)
+# where each results column's runs ran (lines before 2026-12-04 do not say; conv-bf16's: results/conv-bf16/WHERE.md)
 MACHINE = {None: "this 2-core machine",
            "conv-bf16": "one NVIDIA H200 GPU that 15 runs shared at a time"}
 

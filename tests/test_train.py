@@ -132,6 +132,7 @@ def test_lora_trains_only_adapters_and_head_ff_trains_all(tiny_setup, tmp_path):
     with open(str(tmp_path / "lora") + ".jsonl") as f:
         line = json.loads(f.readline())
     assert line["config"]["mode"] == "lora" and "acc" in line["metrics"]["clean"]
+    assert line["where"] == {"device": "cpu", "processes": 1, "torch": torch.__version__}  # where it ran, for provenance
     # evaluate.py RUN_DIR rebuilds each run from its saved weights alone and gets the same numbers
     for run in ("lora", "ff"):
         assert evaluate.reevaluate(str(tmp_path / run)) == metrics(tmp_path / run)["final"]
