@@ -498,10 +498,11 @@ def bki_filter(net, tokenizer, examples, max_len, top_k):
     return keyword, [i for i, e in enumerate(examples) if keyword in e.text_a.split(" ")], scores
 
 
-def word_ranks(scores, words):
-    """{word: its 1-based rank by BKI score, or None if it was never among a row's top words}."""
-    order = {w: r for r, w in enumerate(sorted(scores, key=scores.get, reverse=True), 1)}
-    return {w: order.get(w) for w in words}
+def word_ranks(ranked, words):
+    """{word: its 1-based place in `ranked` (BKI's words, best score first), or None if it was never among a row's top
+    words}."""
+    place = {w: r for r, w in enumerate(ranked, 1)}
+    return {w: place.get(w) for w in words}
 
 
 def filter_rows(name, net, tokenizer, train_set, poisoned, max_len, expected=0, trigger_words=()):
@@ -512,8 +513,9 @@ def filter_rows(name, net, tokenizer, train_set, poisoned, max_len, expected=0, 
     opts = SETTINGS[name]
     if name == "bki":
         out["keyword"], dropped, scores = bki_filter(net, tokenizer, train_set, max_len, **opts)
-        out["top_words"] = [[w, scores[w]] for w in sorted(scores, key=scores.get, reverse=True)[:10]]
-        out["trigger_ranks"] = word_ranks(scores, trigger_words)
+        ranked = sorted(scores, key=scores.get, reverse=True)
+        out["top_words"] = [[w, scores[w]] for w in ranked[:10]]
+        out["trigger_ranks"] = word_ranks(ranked, trigger_words)
     else:
         reps = outputs(net, train_set, tokenizer, max_len, LAST, progress=f"{name}: training rows' [CLS]")[1][0]
         labels = [e.label for e in train_set]
