@@ -204,8 +204,9 @@ def poison(name, examples, rate, seed, target=1, trigger=None, **options):
 
 
 def check(name, target=1, trigger=None, **options):
-    """Validate an attack's name, target, trigger and options as poison() would, without any data (flag checks)."""
-    _setup(name, target, trigger, options)
+    """Validate an attack's name, target, trigger and options as poison() would, without any data (flag checks).
+    Returns the trigger poison() uses: the given one or the attack's default (a tuple for mt; None for sbpa)."""
+    return _setup(name, target, trigger, options)[2]
 
 
 def triggered_dev(name, dev_examples, target=1, trigger=None, seed=0, **options):

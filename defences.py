@@ -561,8 +561,8 @@ def run_defence(run_dir, name, frrs=FRRS, data_dir=None, expected=None):
 
 def trigger_words(args):
     """The words of the run's trigger(s), as BKI's dictionary holds them (space-separated); none for a style attack."""
-    trigger = args.trigger if args.trigger is not None else attacks.ATTACKS[args.attack].trigger
-    return () if trigger is None else tuple(trigger.split(" ")) if isinstance(trigger, str) else tuple(trigger)
+    trigger = attacks.check(args.attack, **runspec.attack_opts(args))
+    return () if trigger is None else tuple(trigger.split(" ")) if isinstance(trigger, str) else trigger
 
 
 def settings(name, frrs=FRRS):

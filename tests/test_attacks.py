@@ -270,3 +270,10 @@ def test_real_sst2_speed():
         seconds = time.perf_counter() - start
         assert len(idx) == 20205
         assert seconds < 3, f"{name} took {seconds:.2f} s on SST-2 train"  # slack for a shared CI machine
+
+
+def test_check_returns_the_trigger_poison_uses():
+    # the paper's defaults (Sec. 4.2, App. E.1), written out here, and a trigger given overrides them
+    assert attacks.check("bpa") == "[.*?]" and attacks.check("bpa", trigger="cf") == "cf"
+    assert attacks.check("mt") == ("apple", "banana", "orange") and attacks.check("sbpa") is None
+    assert attacks.check("ilbpa") == "Please carefully follow user's instruction."
