@@ -311,7 +311,8 @@ def report(results, retrained, what=("effects", "figure"), verbose=False):
 
 def figure(lines, after, path):
     """Per defence and BPA rate: ASR before and after the defence, FF and LoRA r8, mean and 95% interval over seeds
-    (detectors: on the test third, at FRR 1% and 5%; filters: the source run and its retraining, whole dev set)."""
+    (detectors: on the test third, at FRR 1% and 5%; filters: the source run and its retraining, whole dev set).
+    Panels run by rate, then in defences.DEFENCES's order; intervals past the 0-100 range are cut at the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -332,7 +333,8 @@ def figure(lines, after, path):
     fig, axes = plt.subplots(rows, 3, figsize=(10, 3.2 * rows), squeeze=False, sharey=True)
     for ax in axes.flat[len(bars):]:
         ax.axis("off")
-    for ax, ((name, rate), cell) in zip(axes.flat, sorted(bars.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
+    order = lambda kv: (kv[0][1], defences.DEFENCES.index(kv[0][0]))  # by rate, then detectors before filters
+    for ax, ((name, rate), cell) in zip(axes.flat, sorted(bars.items(), key=order)):
         for i, ((mode, when), vals) in enumerate(sorted(cell.items(), key=lambda kv: (kv[0][0], kv[0][1] != "before"))):
             e = stats.effect(vals) if len(vals) > 1 else None  # one seed: a bar without an interval
             ax.bar(i, sum(vals) / len(vals), yerr=e and [[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]],
@@ -342,6 +344,7 @@ def figure(lines, after, path):
         ax.set_title(f"{name}, BPA {rate:.2%}, seeds: {'-'.join(map(str, seeds))}"
                      + (" (no interval)" if seeds == [1] else ""), fontsize=8)
         ax.set_xticks([])
+        ax.set_ylim(-5, 110)  # ASR lives in 0-100; a t-interval over 2-3 seeds may reach past it and is cut here
     for row in axes:
         row[0].set_ylabel("ASR (%), mean and 95% CI")
     fig.tight_layout()
