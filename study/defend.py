@@ -333,8 +333,8 @@ def figure(lines, after, path):
     fig, axes = plt.subplots(rows, 3, figsize=(10, 3.2 * rows), squeeze=False, sharey=True)
     for ax in axes.flat[len(bars):]:
         ax.axis("off")
-    order = lambda kv: (kv[0][1], defences.DEFENCES.index(kv[0][0]))  # by rate, then detectors before filters
-    for ax, ((name, rate), cell) in zip(axes.flat, sorted(bars.items(), key=order)):
+    panels = sorted(bars.items(), key=lambda kv: (kv[0][1], defences.DEFENCES.index(kv[0][0])))  # rate, then kind
+    for ax, ((name, rate), cell) in zip(axes.flat, panels):
         for i, ((mode, when), vals) in enumerate(sorted(cell.items(), key=lambda kv: (kv[0][0], kv[0][1] != "before"))):
             e = stats.effect(vals) if len(vals) > 1 else None  # one seed: a bar without an interval
             ax.bar(i, sum(vals) / len(vals), yerr=e and [[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]],
