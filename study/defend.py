@@ -344,7 +344,7 @@ def figure(lines, after, path):
         ax.set_title(f"{name}, BPA {rate:.2%}, seeds: {'-'.join(map(str, seeds))}"
                      + (" (no interval)" if seeds == [1] else ""), fontsize=8)
         ax.set_xticks([])
-        ax.set_ylim(-5, 110)  # ASR lives in 0-100; a t-interval over 2-3 seeds may reach past it and is cut here
+    axes[0, 0].set_ylim(-5, 110)  # shared by every panel: ASR lives in 0-100; a t-interval over 2-3 seeds is cut here
     for row in axes:
         row[0].set_ylabel("ASR (%), mean and 95% CI")
     fig.tight_layout()
