@@ -311,8 +311,8 @@ def report(results, retrained, what=("effects", "figure"), verbose=False):
 
 def figure(lines, after, path):
     """Per defence and BPA rate: ASR before and after the defence, FF and LoRA r8, mean and 95% interval over seeds
-    (detectors: on the test third, at FRR 1% and 5%; filters: the source run and its retraining, whole dev set).
-    Panels run by rate, then in defences.DEFENCES's order; intervals past the 0-100 range are cut at the axes."""
+    (detectors: on the test third, at FRR 1% and 5%; filters: the source run and its retraining, whole dev set),
+    each seed's value a dot on its bar (BKI's retrainings are all or nothing, which a mean hides). Panels run by rate, then in defences.DEFENCES's order; intervals past the 0-100 range are cut at the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,6 +339,7 @@ def figure(lines, after, path):
             e = stats.effect(vals) if len(vals) > 1 else None  # one seed: a bar without an interval
             ax.bar(i, sum(vals) / len(vals), yerr=e and [[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]],
                    color="tab:red" if mode == "ff" else "tab:blue", alpha=1.0 if when == "before" else 0.5, capsize=3)
+            ax.scatter([i + 0.22] * len(vals), vals, s=6, color="black", zorder=3)  # beside the error bar
             ax.text(i, 2, f"{mode}\n{when}", ha="center", fontsize=6, rotation=90, va="bottom")
         seeds = sorted({len(vals) for vals in cell.values()})
         ax.set_title(f"{name}, BPA {rate:.2%}, seeds: {'-'.join(map(str, seeds))}"
@@ -346,7 +347,7 @@ def figure(lines, after, path):
         ax.set_xticks([])
     axes[0, 0].set_ylim(-5, 110)  # shared by every panel: ASR lives in 0-100; a t-interval over 2-3 seeds is cut here
     for row in axes:
-        row[0].set_ylabel("ASR (%), mean and 95% CI")
+        row[0].set_ylabel("ASR (%): mean, 95% CI, seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
