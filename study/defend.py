@@ -312,7 +312,8 @@ def report(results, retrained, what=("effects", "figure"), verbose=False):
 def figure(lines, after, path):
     """Per defence and BPA rate: ASR before and after the defence, FF and LoRA r8, mean and 95% interval over seeds
     (detectors: on the test third, at FRR 1% and 5%; filters: the source run and its retraining, whole dev set),
-    each seed's value a dot on its bar (BKI's retrainings are all or nothing, which a mean hides). Panels run by rate, then in defences.DEFENCES's order; intervals past the 0-100 range are cut at the axes."""
+    each seed's value a dot beside its bar (BKI's retrainings are all or nothing, which a mean hides). Panels run by
+    rate, then in defences.DEFENCES's order; intervals past the 0-100 range are cut at the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
