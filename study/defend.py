@@ -224,7 +224,7 @@ def _contrast(by, name, rate, what, value, unit, spec):
     # + is "FF's backdoor is easier to detect / filter" for AUROC and recall, "FF + defence is more attacked" for ASR
     e = stats.effect(stats.paired(ff, lo), +1, DELTA[unit])
     e["registered"] = len(spec["seeds"])
-    e["saturated"] = unit == "asr" and 100 * min(ff + lo) >= effects.CEILING  # REPORT.md's label, as elsewhere
+    e["saturated"] = unit == "asr" and effects.at_ceiling([100 * v for v in ff + lo])  # REPORT.md's label
     e["seeds_needed"] = stats.seeds_needed(e["mean"], e["sd"]) if e["verdict"] == "inconclusive" and e["sd"] > 0 \
         else None
     return what, name, rate, e
@@ -234,8 +234,10 @@ def markdown(rows):
     out = ["| contrast (FF - LoRA) | defence | BPA rate | mean [95% CI] | n of the registered | verdict |",
            "|---|---|---|---|---|---|"]
     for what, name, rate, e in rows:
-        note = effects.SATURATED if e["saturated"] else \
-            f" (about {e['seeds_needed']} seeds for this mean)" if e["seeds_needed"] else ""
+        # an inconclusive cell states the seeds its mean would need (the rule), whether or not it is saturated
+        need = "" if e["verdict"] != "inconclusive" else \
+            f" (about {e['seeds_needed']} seeds for this mean)" if e["seeds_needed"] else " (over 1,000 seeds for this mean)"
+        note = effects.saturated_text(e) + need
         value, verdict = (stats.interval_text(e, 100), e["verdict"] + note) if e["n"] >= 2 else \
             (f"{100 * e['mean']:+.1f} (one seed)", effects.NO_INTERVAL)
         out.append(f"| {what} | {name} | {rate:.2%} | {value} | {e['n']} of {e['registered']} | {verdict} |")
@@ -288,12 +290,19 @@ def _spread(values, count=False):
     return f"{e['mean']:.1f} [{e['lo']:.1f}, {e['hi']:.1f}] (n={e['n']})"
 
 
+def registered(results, retrained):
+    """measurements (lines, after) of the registered source runs: what the contrasts, the table and the figure read."""
+    return measurements(results, retrained, source_runs(DETECT["rates"], DETECT["seeds"], ""))
+
+
 def report(results, retrained, what=("effects", "figure"), verbose=False):
     """Write defences.md (what: "effects": the contrasts and the measures beside them) and defences.png ("figure")
-    next to the results file; return the contrasts table, the part of defences.md that REPORT.md shows. The stages
-    `effects` and `figure` call it, and so does `python -m study.report all`, which keeps both current."""
-    lines, after = measurements(results, retrained, source_runs(DETECT["rates"], DETECT["seeds"], ""))
-    table = markdown(contrasts(lines, after))
+    next to the results file; return the contrasts' rows, whose table (markdown) is the part of defences.md that
+    REPORT.md shows. The stages `effects` and `figure` call it, and so does `python -m study.report all`, which keeps
+    both current."""
+    lines, after = registered(results, retrained)
+    rows = contrasts(lines, after)
+    table = markdown(rows)
     if "effects" in what:
         text = "## The pre-registered contrasts\n\n" + table + \
             "\n\n## Reported beside them, without a verdict\n\n" + describe(lines, after) + "\n"
@@ -306,7 +315,7 @@ def report(results, retrained, what=("effects", "figure"), verbose=False):
         drawn = figure(lines, after, path)
         if verbose:
             print(f"wrote {path}" if drawn else "nothing to draw yet")
-    return table
+    return rows
 
 
 def figure(lines, after, path):

@@ -61,7 +61,9 @@ def delay_or_limit(runs):
             name = f"{'net ' if net else ''}ASR"
             v = {m: {s: effects.asr(r, net) for s, r in arm(point, m, BPA).items()} for m in MODES}
             out["asr"][(point, name)] = v
-            out["contrasts"][(point, name)] = _paired(v["ff"], v["lora"], effects.DELTA["asr"])
+            e = out["contrasts"][(point, name)] = _paired(v["ff"], v["lora"], effects.DELTA["asr"])
+            if e:  # REPORT.md's label, as in effects.md: every paired run at the ceiling
+                e["saturated"] = effects.at_ceiling(v[m][s] for m in MODES for s in v["ff"] if s in v["lora"])
         clean = {m: {s: effects.acc(r) for s, r in arm(point, m, CLEAN).items()} for m in MODES}
         out["clean"][point] = clean
         out["clean_gap"][point] = _paired(clean["ff"], clean["lora"], effects.DELTA["acc"])
@@ -112,7 +114,7 @@ def _mean(values):
 # output
 
 def markdown(res):
-    ci = lambda e: effects.NO_INTERVAL if e is None else stats.effect_text(e)
+    ci = lambda e: effects.NO_INTERVAL if e is None else stats.effect_text(e) + effects.saturated_text(e)
     gap = res["clean_gap"]["end"]
     fit = effects.NO_INTERVAL if gap is None else ("reached" if abs(gap["mean"]) <= 1 else "not reached")
     lines = [f"# Delay or limit: SST-2, BPA 0.15%, {res['steps']:,} steps (three epochs) against the "

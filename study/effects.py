@@ -101,9 +101,14 @@ def _row(finding, task, condition, what, diffs, sign, unit, saturated=False):
                 saturated=saturated, **e)
 
 
+def at_ceiling(values):
+    """Whether every ASR (points) of a contrast's paired runs is at the ceiling: its cell then reads SATURATED."""
+    return all(v >= CEILING for v in values)
+
+
 def _saturated(arms, net=False):
     """Whether every paired run of an ASR contrast is at the ceiling: its 'no effect' is then saturation."""
-    return all(v >= CEILING for v in _paired(arms, lambda s: min(asr(r, net) for r in s.values())))
+    return at_ceiling(_paired(arms, lambda s: min(asr(r, net) for r in s.values())))
 
 
 def _paired(arms, value):
@@ -526,6 +531,12 @@ SATURATED = f" (saturated: every run >= {CEILING:g}% ASR)"
 NO_INTERVAL = "no interval yet (under 2 paired seeds)"  # a cell whose contrast has fewer than 2 seeds: none run, or 1
 
 
+def saturated_text(e, short=False):
+    """The SATURATED label (short: ' (saturated)', for the tables of one cell per task) of an effect whose paired runs
+    are all at the ceiling; '' otherwise."""
+    return ("" if not e.get("saturated") else " (saturated)" if short else SATURATED)
+
+
 def seeds_for_reference(r):
     """For an inconclusive row, the seeds the reference effect (the paper's, else 2 x delta) would need at the
     measured noise, e.g. '12 (for 30)'; '' otherwise."""
@@ -540,7 +551,7 @@ def markdown(rows):
     for r in rows:
         need = seeds_for_reference(r) or "-"
         verdict = r["verdict"] if r["finding"] != "zoo" else {"replicated": "higher", "opposite": "lower"}.get(r["verdict"], r["verdict"])
-        verdict += SATURATED if r["saturated"] else ""
+        verdict += saturated_text(r)
         lines.append(f"| {r['finding']} | {r['task']} | {r['condition']} | {r['what']} | {r['mean']:+.2f} | "
                      f"[{r['lo']:+.2f}, {r['hi']:+.2f}] | {r['n']} | {verdict} | {need} |")
     return "\n".join(lines)
@@ -570,7 +581,7 @@ def across_markdown(rows):
     table = across_tasks(rows)
     lines = ["| finding | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for title, cells in table.items():
-        text = [stats.effect_text(c) + (" (saturated)" if c["saturated"] else "") if c else NO_INTERVAL
+        text = [stats.effect_text(c) + saturated_text(c, short=True) if c else NO_INTERVAL
                 for c in (cells.get(t) for t in TASKS)]
         lines.append(f"| {title} | " + " | ".join(text) + " |")
     return "\n".join(lines)

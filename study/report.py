@@ -390,8 +390,8 @@ EFFECTS_HEAD = """# The findings as per-seed paired effects
 Points (%), + = the paper's direction (for the init zoo: higher than the kaiming baseline). 95% t-interval over
 the paired seeds; verdicts as defined in results/REPORT.md (no-effect margin: 2 points for accuracy, 5 for ASR).
 The last column, for inconclusive rows only, is the number of seeds a paired t-interval would need to exclude 0 with
-80% power at the measured noise, for the paper's effect size where its text states one (F1 0.5, F2 30 points) and a
-reference effect of twice the margin otherwise.
+80% power at the measured noise (the t-test's exact power, from the noncentral t), for the paper's effect size where
+its text states one (F1 0.5, F2 30 points) and a reference effect of twice the margin otherwise.
 
 """
 
@@ -446,15 +446,19 @@ for _name in ("CL-BPA", "IL-BPA", "MT", "S-BPA"):
                 **({"cpu": ("F2", "sst2", f"{_name} 1%", _what)} if _what == "ASR FF - LoRA" and _rate == "0.15%" else {}))
 
 
+def find_row(rows, finding, task, cond, what):
+    """The first effects row of (finding, task, condition) with this effect (`what`; None: any), or None."""
+    return next((r for r in rows if (r["finding"], r["task"], r["condition"]) == (finding, task, cond)
+                 and (what is None or r["what"] == what)), None)
+
+
 def headline_cell(rows, finding, task, cond, what):
     """'condition: effect [CI], n, verdict' of the one effects row that matches exactly; effects.NO_INTERVAL if none."""
-    hits = [r for r in rows if (r["finding"], r["task"], r["condition"]) == (finding, task, cond)
-            and (what is None or r["what"] == what)]
-    if not hits:
+    r = find_row(rows, finding, task, cond, what)
+    if r is None:
         return effects.NO_INTERVAL
-    r = hits[0]
     need = effects.seeds_for_reference(r)
-    return f"{cond.split(',')[0]}: {stats.effect_text(r, bold=True)}" + (effects.SATURATED if r["saturated"] else "") \
+    return f"{cond.split(',')[0]}: {stats.effect_text(r, bold=True)}" + effects.saturated_text(r) \
         + (f"; seeds for the reference effect: {need}" if need else "")
 
 
@@ -473,7 +477,8 @@ def delay_row(runs):
     """The delay-or-limit verdict's row of the verdicts table (study/delay.py's pre-registered rule)."""
     res = delay.delay_or_limit(runs)
     e = res and res["contrasts"][("end", "net ASR")]
-    cell = effects.NO_INTERVAL if not e else f"3 epochs: {stats.effect_text(e, res['verdict'], bold=True)}"
+    cell = effects.NO_INTERVAL if not e else \
+        f"3 epochs: {stats.effect_text(e, res['verdict'], bold=True)}" + effects.saturated_text(e)
     return ("Delay or limit: net ASR FF - LoRA after 3 epochs, BPA 0.15%", "-", cell)
 
 
@@ -508,6 +513,71 @@ def thm36_rows(root):
     return out
 
 
+# -----------------------------------------------------------------------------
+# "The answer", REPORT.md's first section: one row per question of the paper, one column per task and model, each cell
+# the effect, its 95% interval, n and verdict, from the same rows as the verdicts table
+
+# (column heading, protocol, task): a task or a second model is one more line (a model's runs in their own protocol)
+ANSWER_COLUMNS = (("SST-2", "conv", "sst2"), ("CoLA", "conv", "cola"), ("QNLI", "conv", "qnli"), ("QQP", "conv", "qqp"))
+DEFENCES_RAN_ON = ("conv", "sst2")  # the defences experiment's runs (study/defend.py): conv's F1/F2 BPA runs of SST-2
+_NET = "net ASR FF - LoRA"
+ANSWER_ROWS = (  # (label, where its cells come from: an effects row, the delay rule, or a defence contrast)
+    ("F1: LoRA's extra accuracy drop, UPA 0.3", ("effect", "F1", "UPA 0.3", None)),
+    ("F2: net ASR FF - LoRA, BPA 0.15%", ("effect", "F2", "BPA 0.15%", _NET)),
+    ("F2: net ASR FF - LoRA, BPA 0.45%", ("effect", "F2", "BPA 0.45%", _NET)),
+    *((f"E.1 {name}: net ASR FF - LoRA, {rate}", ("effect", "F2", f"{name} {rate}", _NET))
+      for name in ("CL-BPA", "IL-BPA", "MT", "S-BPA") for rate in ("0.15%", "0.45%")),
+    ("Delay or limit: net ASR FF - LoRA after three epochs, BPA 0.15%", ("delay",)),
+    ("DAN: detection AUROC FF - LoRA, BPA 0.15%", ("defence", "detection AUROC", "dan", 0.0015)),
+    ("DAN: ASR after, FF - LoRA, FRR 1%, BPA 0.15%", ("defence", "ASR after, FRR 0.01", "dan", 0.0015)),
+    ("DAN: ASR after, FF - LoRA, FRR 5%, BPA 0.15%", ("defence", "ASR after, FRR 0.05", "dan", 0.0015)),
+    ("BKI: ASR after retraining, FF - LoRA, BPA 0.45%", ("defence", "ASR after retraining", "bki", 0.0045)),
+)
+
+
+def answer_cell(e, verdict=None):
+    """'effect [CI], n=N, **verdict**' in points, ' (saturated)' where every paired run is at the ASR ceiling."""
+    return stats.effect_text(e, verdict, bold=True) + effects.saturated_text(e, short=True)
+
+
+def answer_table(effect_rows, runs_of, defence_rows, columns=ANSWER_COLUMNS, rows=ANSWER_ROWS):
+    """The answer as Markdown. effect_rows and runs_of: {protocol: effects rows / runs}; defence_rows: study/defend.py's
+    contrasts (fractions), of the runs DEFENCES_RAN_ON. A cell is '-' where the question was not asked (or has fewer
+    than two paired seeds yet)."""
+    delays = {p: delay.delay_or_limit(runs_of[p]) for p in {c[1] for c in columns} if p in runs_of}
+
+    def cell(protocol, task, source):
+        if source[0] == "effect":
+            r = find_row(effect_rows.get(protocol, ()), source[1], task, *source[2:])
+            return answer_cell(r) if r else "-"
+        if source[0] == "delay":
+            res = delays.get(protocol) if task == "sst2" else None
+            e = res and res["contrasts"][("end", "net ASR")]
+            return answer_cell(e, res["verdict"]) if e else "-"
+        hits = [e for what, name, rate, e in defence_rows if (what, name, rate) == source[1:] and e["n"] > 1]
+        if (protocol, task) != DEFENCES_RAN_ON or not hits:
+            return "-"
+        return answer_cell({**hits[0], **{k: 100 * hits[0][k] for k in ("mean", "lo", "hi")}})
+
+    lines = ["| question | " + " | ".join(c[0] for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join([label] + [cell(p, t, source) for _, p, t in columns]) + " |" for label, source in rows]
+    return "\n".join(lines)
+
+
+def answer(root):
+    """The answer from the committed results under root (what report_all splices into REPORT.md)."""
+    paths = {p: os.path.join(root, p, "results.jsonl") for p in {c[1] for c in ANSWER_COLUMNS}}
+    runs_of = {p: ledger.runs(path) for p, path in paths.items() if os.path.isfile(path)}
+    measured, retrained = defence_files(root)
+    defended = defend.contrasts(*defend.registered(measured, retrained)) if os.path.isfile(measured) else ()
+    return answer_table({p: effects.effects(runs) for p, runs in runs_of.items()}, runs_of, defended)
+
+
+def defence_files(root):
+    """The defences experiment's results: its detector and filter lines, and its retrainings (study/defend.py)."""
+    return os.path.join(root, "conv", "defences.jsonl"), os.path.join(root, "conv", "defences-retrain.jsonl")
+
+
 def report_all(root):
     """Every results/<protocol>/results.jsonl's report, then results/verdicts.md, then the defences experiment's."""
     rows, compute, zoos, runs_of = {}, [], [], {}
@@ -527,10 +597,11 @@ def report_all(root):
     splice(os.path.join(root, "REPORT.md"), text)
     if zoos:  # every protocol that ran the zoo, one after another (one splice would overwrite the other)
         splice(os.path.join(root, "REPORT.md"), "\n\n".join(zoos), "zoo")
-    measured = os.path.join(root, "conv", "defences.jsonl")
+    (measured, retrained), defended = defence_files(root), ()
     if os.path.isfile(measured):  # the defences experiment (study/defend.py): defences.md, .png, REPORT.md's table
-        splice(os.path.join(root, "REPORT.md"),
-               defend.report(measured, os.path.join(root, "conv", "defences-retrain.jsonl")), "defences")
+        defended = defend.report(measured, retrained)
+        splice(os.path.join(root, "REPORT.md"), defend.markdown(defended), "defences")
+    splice(os.path.join(root, "REPORT.md"), answer_table(rows, runs_of, defended), "answer")
     print(text)
 
 

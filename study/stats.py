@@ -5,7 +5,7 @@ robustness" (Spearman's rho, its permutation p-value, a bootstrap interval over 
 
     d = paired([0.91, 0.88, 0.90], [0.85, 0.86, 0.84])      # per-seed differences a_i - b_i
     e = effect(d, paper_sign=+1, delta=0.02)                 # mean, 95% CI, n, verdict
-    seeds_needed(effect_size=0.05, sd=0.04)                  # seeds for 80% power at that noise
+    seeds_needed(effect_size=0.05, sd=0.04)                  # seeds for 80% power at that noise (exact t power)
     spearman(x, y), spearman_p(x, y)                         # rho and its two-sided permutation p-value
     holm([0.01, 0.04, 0.03])                                 # family-wise adjusted p-values
 
@@ -15,8 +15,9 @@ Verdicts (defined once, here and in REPORT.md), with the interval oriented so th
     no effect     the interval lies inside (-delta, +delta)
     inconclusive  none of these: the interval is too wide to tell
 
-Student's t quantiles come from the regularised incomplete beta function (continued fraction, Lentz's method), so
-the module needs nothing beyond the standard library.
+Student's t quantiles come from the regularised incomplete beta function (continued fraction, Lentz's method), and
+the noncentral t behind the power of a t-interval from a one-dimensional integral (Simpson's rule), so the module
+needs nothing beyond the standard library.
 """
 import math
 
@@ -83,17 +84,29 @@ def verdict(lo, hi, paper_sign=1, delta=0.0):
 
 
 def seeds_needed(effect_size, sd, power=0.8, level=0.95, most=1000):
-    """Smallest number of seeds n >= 2 at which a paired t-interval at `level` excludes 0 with probability `power`
-    for a true effect `effect_size` at seed-to-seed noise `sd`, by the usual approximation
-    (t_{1-(1-level)/2, n-1} + t_{power, n-1}) sd / sqrt(n) <= |effect|. None if more than `most` would be needed."""
+    """Smallest number of seeds n >= 2 at which a paired t-interval at `level` excludes 0 on the effect's side with
+    probability at least `power`, for a true effect `effect_size` at seed-to-seed noise `sd`: the exact power of the
+    t-test (t_power), not the normal-style approximation (t_{1-(1-level)/2, n-1} + t_{power, n-1}) sd / sqrt(n) <=
+    |effect|, which can be a seed short at n = 2 (power 0.77 where it promised 0.8). None if more than `most` would
+    be needed. The power grows with n, so a bisection finds the first n that reaches it."""
     if not sd > 0:
         raise ValueError(f"the seed-to-seed standard deviation must be > 0, got {sd}")
-    if effect_size == 0:
+    if effect_size == 0 or t_power(effect_size, sd, most, level) < power:
         return None
-    for n in range(2, most + 1):
-        if (t_quantile(0.5 + level / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n) <= abs(effect_size):
-            return n
-    return None
+    lo, hi = 1, most  # t_power(lo) is below `power` (one seed gives no interval), t_power(hi) reaches it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if t_power(effect_size, sd, mid, level) >= power else (mid, hi)
+    return hi
+
+
+def t_power(effect_size, sd, n, level=0.95):
+    """The probability that a paired t-interval at `level` over n seeds excludes 0 on the side of a true effect
+    `effect_size` at seed-to-seed noise `sd`: P(T > t_{1-(1-level)/2, n-1}) for T noncentral t with n - 1 degrees of
+    freedom and noncentrality |effect| sqrt(n) / sd. 0 for one seed (no interval)."""
+    if n < 2:
+        return 0.0
+    return nct_sf(t_quantile(0.5 + level / 2, n - 1), n - 1, abs(effect_size) * math.sqrt(n) / sd)
 
 
 # -----------------------------------------------------------------------------
@@ -209,6 +222,29 @@ def t_quantile(p, df):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
     return (lo + hi) / 2
+
+
+def nct_sf(t, df, nc, intervals=2000):
+    """P(T > t) for the noncentral t with df degrees of freedom and noncentrality nc, T = (Z + nc) / S with Z standard
+    normal and S = sqrt(V / df), V chi-square with df degrees of freedom, independent of Z. Conditioning on S,
+    P(T > t) = E[Q(t S - nc)] with Q the normal upper tail, integrated over S's density
+    2 (df/2)^(df/2) / Gamma(df/2) s^(df-1) exp(-df s^2 / 2) by Simpson's rule on [1 - 8/sqrt(df), 1 + 8/sqrt(df)]
+    (cut at 0), where all but about 1e-13 of S's mass lies; the step also resolves Q's edge, 1/|t| wide."""
+    if not df >= 1:  # below 1 the density of S is infinite at 0, which the rule below does not integrate
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    lo, hi = max(0.0, 1 - 8 / math.sqrt(df)), 1 + 8 / math.sqrt(df)
+    steps = 2 * math.ceil(max(intervals, 20 * (hi - lo) * abs(t)) / 2)
+    h = (hi - lo) / steps
+    log_front = math.log(2) + (df / 2) * math.log(df / 2) - math.lgamma(df / 2)
+
+    def integrand(s):
+        if s <= 0:
+            return 0.0 if df > 1 else math.exp(log_front) * 0.5 * math.erfc(-nc / math.sqrt(2))
+        density = math.exp(log_front + (df - 1) * math.log(s) - df * s * s / 2)
+        return density * 0.5 * math.erfc((t * s - nc) / math.sqrt(2))
+
+    total = integrand(lo) + integrand(hi) + sum((4 if k % 2 else 2) * integrand(lo + k * h) for k in range(1, steps))
+    return min(1.0, max(0.0, total * h / 3))
 
 
 def _betainc(a, b, x):

@@ -64,6 +64,20 @@ def test_a_contrast_of_one_paired_seed_has_no_interval_yet(tmp_path):
     assert defend.figure(*defend.measurements(str(path), str(tmp_path / "none.jsonl"), runs), str(tmp_path / "f.png"))
 
 
+def test_every_inconclusive_contrast_states_the_seeds_its_mean_would_need():
+    # the defences' rule: an inconclusive cell states how many seeds the observed mean would need, saturated or not,
+    # and over 1,000 when stats.seeds_needed finds none within its limit
+    cell = lambda **e: dict(dict(mean=0.02, lo=-0.05, hi=0.09, n=3, registered=3, verdict="inconclusive",
+                                 saturated=False, seeds_needed=14), **e)
+    text = defend.markdown([("ASR after retraining", "spectral", 0.0045, cell(saturated=True)),
+                            ("filter recall", "bki", 0.0045, cell(seeds_needed=None)),
+                            ("detection AUROC", "dan", 0.0045, cell(verdict="no effect", saturated=True))])
+    assert "| +2.0 [-5.0, +9.0] | 3 of 3 | inconclusive (saturated: every run >= 90% ASR) (about 14 seeds for this " \
+           "mean) |" in text
+    assert "| bki | 0.45% | +2.0 [-5.0, +9.0] | 3 of 3 | inconclusive (over 1,000 seeds for this mean) |" in text
+    assert text.endswith("| 3 of 3 | no effect (saturated: every run >= 90% ASR) |")
+
+
 def test_the_measures_beside_the_contrasts_are_mean_and_t_interval_per_mode(tmp_path):
     # FF's spectral precision 0.5, 0.7, 0.9 over seeds 0-2: mean 70.0, half-width t(0.975, 2) x 20 / sqrt(3) = 49.7;
     # LoRA's precision is undefined (nothing dropped) in seed 0, so its n is 2

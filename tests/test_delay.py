@@ -51,6 +51,10 @@ def test_delay_when_the_interval_ends_below_10_points():
     text = delay.markdown(res)
     assert "**Verdict (pre-registered): delay.**" in text and "Matched fit at the end" in text and ": not reached." in text
     assert "| end | ASR (%) | 100.0 (100.0, 100.0, 100.0) | 95.0 (95.0, 97.0, 93.0) |" in text
+    # at the end every paired run is at the ceiling (effects.md's label); at the budget LoRA is at 10%
+    assert text.count("(saturated: every run >= 90% ASR)") == 3  # the verdict line, the end's ASR and net ASR rows
+    assert "| budget | ASR (%) | 80.0 (80.0, 80.0, 80.0) | 10.0 (10.0, 10.0, 10.0) | +70.0 [+70.0, +70.0], n=3, replicated |" \
+        in text
     assert "| ff | 32,000 (200); s0: 32,000 (200)" in text  # every seed reached 50%: the mean comes first
 
 
@@ -84,8 +88,9 @@ def test_the_report_writes_delay_md_and_the_three_epoch_curves(tmp_path):
 
 def test_the_verdicts_table_gets_the_delay_row():
     from study import report
-    label, cpu, cell = report.delay_row(grid([0.95, 0.97, 0.93]))
-    assert cpu == "-" and cell == "3 epochs: +5.0 [+0.0, +10.0], n=3, **delay**"
+    label, cpu, cell = report.delay_row(grid([0.95, 0.97, 0.93]))  # every run at >= 90% net ASR at the end
+    assert cpu == "-" and cell == "3 epochs: +5.0 [+0.0, +10.0], n=3, **delay** (saturated: every run >= 90% ASR)"
+    assert report.delay_row(grid([0.70, 0.72, 0.74]))[2] == "3 epochs: +28.0 [+23.0, +33.0], n=3, **limit**"
     short = [r for r in grid([0.9] * 3) if r["config"]["steps"] == 2500]
     assert report.delay_row(short)[2] == effects.NO_INTERVAL
     calibration = [run(0, 5000, dict(FF, lr=lr), 0.88, curve=[(2500, None), (5000, None)]) for lr in (2e-5, 5e-5)]

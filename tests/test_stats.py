@@ -53,10 +53,37 @@ def test_one_seed_is_inconclusive():
 
 
 def test_seeds_needed_by_hand():
-    # n = 9: (2.306 + 0.889) / 3 = 1.065 > 1; n = 10: (2.262 + 0.883) / sqrt(10) = 0.9946 <= 1
+    # an effect of one sd: the exact power is 0.748 at 9 seeds and 0.803 at 10 (scipy's noncentral t, below)
     assert stats.seeds_needed(1.0, 1.0) == 10
     assert stats.seeds_needed(-1.0, 1.0) == 10
     assert stats.seeds_needed(0.0, 1.0) is None and stats.seeds_needed(1e-4, 1.0) is None
+
+
+def test_noncentral_t_against_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 4, 9, 30, 200):
+        for nc in (0.0, 0.7, 3.0, 15.4, -2.0):
+            for t in (-4.0, 0.0, 1.5, 2.776, 12.706, 40.0):
+                assert stats.nct_sf(t, df, nc) == pytest.approx(scipy_stats.nct.sf(t, df, nc), abs=1e-8)
+
+
+def test_seeds_needed_is_the_first_n_whose_exact_power_reaches_80_percent():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    power = lambda d, n: scipy_stats.nct.sf(scipy_stats.t.ppf(0.975, n - 1), n - 1, d * math.sqrt(n))
+    for effect, sd in ((30.0, 2.7546), (1.0, 1.0), (4.0, 2.5), (0.5, 1.8), (10.0, 7.3), (-4.0, 3.0)):
+        n = stats.seeds_needed(effect, sd)
+        assert power(abs(effect) / sd, n) >= 0.8 and (n == 2 or power(abs(effect) / sd, n - 1) < 0.8), (effect, sd, n)
+        assert stats.t_power(effect, sd, n) == pytest.approx(power(abs(effect) / sd, n), abs=1e-8)
+
+
+def test_two_seeds_short_of_80_percent_need_a_third():
+    # SST-2's three-epoch raw-ASR cell (conv/effects.md): sd 2.75 against the paper's 30 points. The normal-style
+    # approximation (t_0.975 + t_0.8) sd / sqrt(n) <= 30 passes at n = 2 (12.71 + 1.38) x 2.75 / 1.41 = 27.4, but the
+    # exact power at n = 2 is 0.773, so 3 seeds
+    assert (stats.t_quantile(0.975, 1) + stats.t_quantile(0.8, 1)) * 2.7546 / math.sqrt(2) <= 30
+    assert stats.t_power(30.0, 2.7546, 2) == pytest.approx(0.773, abs=5e-4)
+    assert stats.seeds_needed(30.0, 2.7546) == 3
+    assert stats.t_power(30.0, 2.7546, 1) == 0.0 and stats.seeds_needed(0.3, 50.0) is None  # over 1,000 seeds
 
 
 def test_bad_inputs():
