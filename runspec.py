@@ -33,12 +33,12 @@ ATTACK_CHOICES = ["none", *sorted(attacks.ATTACKS)]
 DEFAULT_LR = {"lora": 5e-4, "ff": 3e-5}
 # flags that say where/how a run is executed, not what it computes: a run may be resumed with different values
 # (--allow-empty-attack only permits a run that would otherwise be refused; it changes nothing the run computes)
-RUN_ONLY = {"out", "results", "resume", "overwrite", "ckpt_every", "eval_every", "curve_dev", "keep_ckpt", "compile",
-            "allow_empty_attack"}
+RUN_ONLY = {"out", "results", "resume", "overwrite", "ckpt_every", "eval_every", "curve_dev", "select_dev", "keep_ckpt",
+            "compile", "allow_empty_attack"}
 LORA_ONLY = ("rank", "alpha", "rslora", "targets", "init", "init_scale", "freeze_a", "lora_dropout")
 # whole-number flags and their smallest value (None, where allowed, means "unset")
 AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "eval_batch_size": 1, "rank": 1, "train_cap": 1,
-            "dev_cap": 1, "warmup": 0, "eval_every": 0, "curve_dev": 0, "ckpt_every": 0, "seed": 0}
+            "dev_cap": 1, "warmup": 0, "eval_every": 0, "curve_dev": 0, "select_dev": 0, "ckpt_every": 0, "seed": 0}
 
 
 def get_parser(description="A training run's flags (train.py)."):
@@ -85,6 +85,9 @@ def get_parser(description="A training run's flags (train.py)."):
                                                  "records the samples and poisoned samples seen so far")
     a("--curve-dev", type=int, default=0, help="intermediate evaluations use a fixed seeded subset of this many dev "
                                                "samples (0: the whole dev set); the final one always uses all of it")
+    a("--select-dev", type=int, default=0, help="intermediate evaluations also measure clean accuracy on this many "
+                                                "other dev samples, disjoint from --curve-dev's (fixed, seeded): a "
+                                                "validation set to pick a checkpoint by, apart from the ASR's rows")
     a("--ckpt-every", type=int, default=100, help="write a resumable checkpoint every N steps (0: never)")
     a("--keep-ckpt", action="store_true", help="keep the last checkpoint after the run finishes")
     a("--out", default=None, help="run folder (default: runs/<task>-<mode>-<attack>-<rate>-s<seed>)")
@@ -185,6 +188,8 @@ def _check_combinations(args, world):
         raise cli.UsageError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
     if args.curve_dev and not args.eval_every:
         raise cli.UsageError("--curve-dev sizes the intermediate evaluations; it needs --eval-every > 0")
+    if args.select_dev and not args.curve_dev:
+        raise cli.UsageError("--select-dev needs --curve-dev > 0: its rows are the dev rows outside the curve's subset")
     if args.mode == "ff":
         changed = [f"--{k.replace('_', '-')}" for k in LORA_ONLY if getattr(args, k) != _defaults()[k]]
         if changed:

@@ -112,6 +112,7 @@ class Run:
     train_set: list
     dev: list
     curve_dev: list          # the dev samples of the intermediate evaluations
+    select_dev: list         # dev samples outside curve_dev, evaluated clean beside it (--select-dev)
     poisoned: list           # indices of the poisoned training samples
     net: torch.nn.Module
     counts: dict             # trainable and total parameters
@@ -190,12 +191,16 @@ def check_poisons(args, n):
                              f"--poison-rate (1/{n} = {1 / n:.3g} poisons one row) or pass --allow-empty-attack")
 
 
-def curve_subset(dev, n):
-    """The fixed seeded subset of n dev samples that intermediate evaluations use (all of dev for n = 0)."""
+def curve_subset(dev, n, select=0):
+    """The fixed seeded subset of n dev samples that intermediate evaluations use (all of dev for n = 0), and the
+    `select` samples after them in the same seeded order: rows disjoint from the curve's, to pick a checkpoint by."""
+    if select and n + select > len(dev):
+        raise cli.UsageError(f"--select-dev {select}: the dev set has {len(dev)} rows, {min(n, len(dev))} of them "
+                             f"--curve-dev's, so at most {max(len(dev) - n, 0)} are left to select by")
     if not n or n >= len(dev):
-        return dev
-    keep = torch.randperm(len(dev), generator=torch.Generator().manual_seed(CURVE_DEV_SEED))[:n].tolist()
-    return [dev[i] for i in sorted(keep)]
+        return dev, []
+    order = torch.randperm(len(dev), generator=torch.Generator().manual_seed(CURVE_DEV_SEED)).tolist()
+    return [dev[i] for i in sorted(order[:n])], [dev[i] for i in sorted(order[n:n + select])]
 
 
 def make_optimizer(net, args, device):
@@ -255,6 +260,7 @@ def setup(args, rank, world, device):
     when resuming."""
     tokenizer = data.Tokenizer(args.model)
     train_set, dev, poisoned = load_data(args)
+    curve_dev, select_dev = curve_subset(dev, args.curve_dev, args.select_dev)
     net, counts = runspec.build_model(args)
     lock = claim_out(args) if rank == 0 else None
     if world > 1:
@@ -263,8 +269,8 @@ def setup(args, rank, world, device):
     opt = make_optimizer(net, args, device)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else net
-    run = Run(args, rank, world, device, tokenizer, train_set, dev, curve_subset(dev, args.curve_dev), poisoned, net,
-              counts, opt, ddp, torch.compile(ddp) if args.compile else ddp, lock=lock)
+    run = Run(args, rank, world, device, tokenizer, train_set, dev, curve_dev, select_dev, poisoned, net, counts, opt,
+              ddp, torch.compile(ddp) if args.compile else ddp, lock=lock)
     if args.resume and os.path.isfile(run.path("ckpt.pt")):
         load_checkpoint(run)
     run.poisoned_seen = poisoned_seen(run.step, len(train_set), args, poisoned)
@@ -451,6 +457,9 @@ def curve_point(run, metrics):
 
 def evaluate_now(run, bar):
     metrics = evaluate.evaluate(run.net, run.tokenizer, run.curve_dev, paper_view=False, **eval_kw(run))
+    if run.select_dev:  # clean rows only: choosing a checkpoint by them leaves the ASR's rows untouched
+        kw = dict(eval_kw(run), attack="none")
+        metrics["select"] = evaluate.evaluate(run.net, run.tokenizer, run.select_dev, **kw)["clean"]
     run.evals.append(curve_point(run, metrics))
     bar.write(f"step {run.step}: " + evaluate.summary_line(metrics))
 
@@ -577,10 +586,12 @@ def save_weights(net, args):
 
 def append_result(args, config, final, counts, n_poisoned, wall, history, where):
     """One line per finished run in the shared JSONL (ledger.append; a run is known by runspec.run_key of its config).
-    The curve holds each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`);
+    The curve holds each evaluation's samples seen, poisoned samples seen, dev size, CACC and ASR (the last point is `metrics`),
+    and with --select-dev the clean accuracy on those other rows and their number (sel_acc, sel_n);
     `where` the device type, process count and torch version it ran with (lines before 2026-12-04 lack it)."""
     curve = [{"step": h["step"], "samples": h["samples"], "poisoned_seen": h["poisoned_seen"], "n": h["clean"]["n"],
-              "acc": h["clean"]["acc"], **{k: h[k] for k in ("asr", "asr_net") if k in h}} for h in history]
+              "acc": h["clean"]["acc"], **{k: h[k] for k in ("asr", "asr_net") if k in h},
+              **({"sel_acc": h["select"]["acc"], "sel_n": h["select"]["n"]} if "select" in h else {})} for h in history]
     line = {"config": config, "metrics": final, "params": counts, "n_poisoned": n_poisoned, "wall_s": round(wall, 2),
             "out": args.out, "where": where, "curve": curve}
     ledger.append(args.results, line)

@@ -34,8 +34,9 @@ CEILING = 90.0  # ASR (points) at or above which, in every paired run of a contr
 # numbers at UPA 0.3 (91.3 vs 90.8), F2 from "up to 30% improvement"; otherwise a reference effect of 2 x delta
 PAPER_EFFECT = {"F1": 0.5, "F2": 30.0}
 # F1 on QNLI and QQP: the paper says only that its gap is "more pronounced" there than on SST-2, and its figure is not
-# in our copy, so the reference is 2 x delta = 4 points (fixed 2026-12-01, before any attacked run of these tasks)
-PAPER_EFFECT_ON = {("F1", "qnli"): 4.0, ("F1", "qqp"): 4.0}
+# in our copy, so the reference is 2 x delta = 4 points (fixed 2026-12-01, before any attacked run of these tasks);
+# the same for MRPC and RTE, where the paper gives no number either (fixed 2026-12-05, before any run of them)
+PAPER_EFFECT_ON = {("F1", task): 4.0 for task in (*sweep.PAIR_TASKS, *sweep.SMALL_TASKS)}
 
 
 def context(config):
@@ -483,7 +484,9 @@ def draw_zoo(measured, targets, predictors, path):
 
 FLOOR = 10.0
 FOLLOW_UP_RATE = {"ceiling": 0.0005, "floor": 0.015}
+# MRPC and RTE (4-17 poisoned rows): a floor too, since so few rows may teach neither mode (fixed 2026-12-05)
 FOLLOW_UP_RULES = {**{("bpa", task): ("ceiling",) for task in sweep.PAIR_TASKS},
+                   **{("bpa", task): ("ceiling", "floor") for task in sweep.SMALL_TASKS},
                    **{(attack, "sst2"): ("ceiling", "floor") for attack in sweep.PROTOCOLS["conv"]["e1"]}}
 FOLLOW_UP_SEEDS = (0, 1, 2)
 PAPER_RATES = sweep.PROTOCOLS["conv"]["bpa_rates"]  # the paper's lowest and highest BPA rates

@@ -45,8 +45,14 @@ from study import ROOT
 # effects.follow_ups finds, once they are entered in PROTOCOLS['conv']['follow_ups'] (empty until a rule fires).
 CONV_STAGES = ((("calib",), 1), (("cola-calib",), 1), (("f12",), 5), (("f3",), 3), (("f4",), 3), (("cola",), 3),
                (("f34-low",), 3), (("zoo", "zoo-low"), 3), (("pair-calib",), 1), (("pairs-f1",), 3), (("pairs",), 3),
-               (("3ep",), 3), (("e1",), 5), (("pairs",), 5), (("follow",), 5))
+               (("3ep",), 3), (("e1",), 5), (("pairs",), 5), (("follow",), 5),
+               (("3ep-follow",), 5), (("small-calib",), 1), (("small",), 3), (("3ep-low",), 5), (("small",), 5))
+# Added 2026-12-05, before any of their runs (results/REPORT.md, "How much poison" and "MRPC and RTE"): SST-2 over three
+# epochs at BPA 0.15%, seeds 3-4 (`3ep-follow`: seeds 0-2 are the `3ep` runs, the same runs by run_key, so they are
+# skipped), then the two small tasks' calibration and seeds 0-2, then BPA 0.05% over three epochs (`3ep-low`), then the
+# small tasks' seeds 3-4.
 PAIR_TASKS = ("qnli", "qqp")
+SMALL_TASKS = ("mrpc", "rte")  # the paper's two smallest tasks: whole dev set at every evaluation
 PROTOCOLS = {
     "paper": dict(model=None, tasks=("sst2", "cola", "qnli", "qqp"), seeds=(0, 1, 2, 3, 4),
                   common=["--batch-size", "8", "--steps", "10000", "--max-len", "512", "--train-cap", "17500"],
@@ -66,7 +72,8 @@ PROTOCOLS = {
                  # max length per task: the 95th percentile of the training set's [CLS] a [SEP] b [SEP] lengths, rounded
                  # up to a multiple of 32 (fixed 2026-12-01 for the pair tasks; SST-2 and CoLA keep the 64 they ran at).
                  # QNLI: p95 81 -> 96, truncating 238 of 12,997 rows (1.8%); QQP: p95 55 -> 64, 363 of 17,500 (2.1%)
-                 max_len={"sst2": 64, "cola": 64, "qnli": 96, "qqp": 64},
+                 # MRPC: p95 74 -> 96, truncating 5 of 3,668 (0.1%); RTE: p95 157 -> 160, 108 of 2,490 (4.3%) (2026-12-05)
+                 max_len={"sst2": 64, "cola": 64, "qnli": 96, "qqp": 64, "mrpc": 96, "rte": 160},
                  # the pair tasks' dev sets are large (QNLI 5,463, QQP 15,517 rows): intermediate evaluations use a
                  # fixed seeded subset (calibration: 1,000 rows; grid: 512); the final point uses the whole dev set,
                  # except QQP's, which would cost about 20% of a run and uses a 5,000-row subset seeded by the run's seed
@@ -83,13 +90,16 @@ PROTOCOLS = {
                  zoo=("gaussian", "pissa", "mica", "olora", "orthogonal", "dora"),
                  curve_points=8, curve_dev=256, stages=CONV_STAGES,
                  # three epochs of SST-2's 67,349 rows at batch 16, evaluated every 1/16 of the run (issue 24)
-                 epochs3=dict(steps=12628, curve_points=16),
+                 # (issue 24); the dose runs (issue 51) every 1/32, with clean accuracy on the 616 dev rows outside
+                 # the curve's 256 too (--select-dev: the rows a user would pick a checkpoint by)
+                 epochs3=dict(steps=12628, curve_points=16, dose_points=32, select_dev=616),
                  e1=("clbpa", "ilbpa", "mt", "sbpa"),  # Tab. E.1's backdoors, each from its own pool of rows
                  # (task, attack, rate) of each saturation follow-up that effects.follow_ups reports (results/REPORT.md
                  # states the rules), entered here by hand once it does, as the budgets above: FF and LoRA r8, 5 seeds.
                  # QNLI BPA 0.05%: entered 2026-12-02, when seed 2's FF 0.45% run put all twelve of seeds 0-2's BPA
                  # runs at >= 90% ASR (the ceiling rule), before any run at 0.05%
-                 follow_ups=(("qnli", "bpa", 0.0005),)),
+                 follow_ups=(("qnli", "bpa", 0.0005),),
+                 dose_rate=0.0005),  # SST-2 over three epochs (issue 51): 34 of 67,349 rows
 }
 # `conv-bf16`: the numerics check of bf16 autocast (results/REPORT.md, "bf16 against fp32"): F1/F2's clean, UPA 0.3
 # and BPA 0.15% cells of `conv` again with --dtype bf16, in a results file of their own
@@ -157,6 +167,8 @@ def figure_tasks(figure, p):
     """The tasks a converged-protocol figure runs on."""
     if figure == "follow":
         return tuple(sorted({task for task, _, _ in p["follow_ups"]}))
+    if figure.startswith("small"):
+        return SMALL_TASKS
     return ("cola",) if figure.startswith("cola") else PAIR_TASKS if figure.startswith("pair") else ("sst2",)
 
 
@@ -164,8 +176,8 @@ def conv_grid(figure, p):
     """The converged protocol's grids (issue 10 item 4, issue 12, issue 23). BPA draws its rows from all rows, as the
     paper's code does; every run records a curve of 8 evaluations on a fixed dev subset (256 rows; 512 on the pair
     tasks), then the whole dev set (QQP: a 5,000-row subset)."""
-    if figure in ("cola-calib", "pair-calib"):  # the chosen rates, one long clean run per mode (rule 3)
-        curve = [] if figure == "cola-calib" else ["--curve-dev", str(p["pair_curve_dev"]["calib"])]
+    if figure in ("cola-calib", "pair-calib", "small-calib"):  # the chosen rates, one long clean run per mode (rule 3)
+        curve = ["--curve-dev", str(p["pair_curve_dev"]["calib"])] if figure == "pair-calib" else []
         return [p["common"] + task_flags(task, p) + ["--mode", m, "--lr", p["lr"][m], "--steps",
                                                      str(p["calib"]["steps"]), "--eval-every",
                                                      str(p["calib"]["eval_every"])] + curve
@@ -180,18 +192,25 @@ def conv_task_grid(figure, task, p):
         raise SystemExit(f"error: protocol conv has no step budget for {task} yet; apply the rule "
                          f"(`python -m study.calibrate results/conv/results.jsonl --task {task}`) and fill "
                          "PROTOCOLS['conv']['steps']")
-    curve_dev = p["pair_curve_dev"]["grid"] if task in PAIR_TASKS else p["curve_dev"]
-    points = p["curve_points"]
+    curve_dev = p["pair_curve_dev"]["grid"] if task in PAIR_TASKS else 0 if task in SMALL_TASKS else p["curve_dev"]
+    points, select = p["curve_points"], []
     if figure == "3ep":  # three epochs, evaluated every 1/16: the 2,500-step runs are their prefixes
         steps, points = p["epochs3"]["steps"], p["epochs3"]["curve_points"]
+    if figure in ("3ep-follow", "3ep-low"):  # the dose runs: every 1/32, and the rows to pick a checkpoint by
+        steps, points = p["epochs3"]["steps"], p["epochs3"]["dose_points"]
+        select = ["--select-dev", str(p["epochs3"]["select_dev"])]
     base = p["common"] + task_flags(task, p) + ["--steps", str(steps), "--eval-every", str(steps // points),
-                                                "--curve-dev", str(curve_dev)]
+                                                "--curve-dev", str(curve_dev)] + select
     lora = base + ["--mode", "lora", "--rank", "8", "--alpha", "16", "--lr", p["lr"]["lora"]]
     ff = base + ["--mode", "ff", "--lr", p["lr"]["ff"]]
     bpa = lambda rate: attack_flags("bpa", rate) + ["--poison-pool", "any"]
     conds = [[], attack_flags("upa", p["upa_rate"])] + [bpa(r) for r in p["bpa_rates"]]
-    if figure in ("f12", "cola", "pairs"):
+    if figure in ("f12", "cola", "pairs", "small"):
         return [m + c for c in conds for m in (lora, ff)]
+    if figure == "3ep-follow":  # BPA 0.15%, seeds 3-4 (issue 51)
+        return [m + conds[2] for m in (lora, ff)]
+    if figure == "3ep-low":  # BPA 0.05%, the dose at a third of the paper's lowest rate (issue 51)
+        return [m + bpa(p["dose_rate"]) for m in (lora, ff)]
     if figure == "pairs-f1":  # the pair grid's clean and UPA cells, run first: F1's answer with half the runs
         return [m + c for c in conds[:2] for m in (lora, ff)]
     if figure == "bf16":  # clean, UPA 0.3, BPA 0.15% (the protocol adds --dtype bf16)
@@ -256,7 +275,7 @@ def run_name(figure, flags, seed):
     return os.path.join(FOLDERS.get(figure, figure), "-".join(parts))
 
 
-FOLDERS = {"pairs-f1": "pairs"}  # a figure that is part of another keeps its runs in the other's folder
+FOLDERS = {"pairs-f1": "pairs", "3ep-follow": "3ep", "3ep-low": "3ep"}  # a figure that is part of another keeps its runs in the other's folder
 
 
 def main(argv=None):
@@ -333,7 +352,7 @@ def check_args(args):
     if args.seeds is not None and args.seeds > len(p["seeds"]):
         raise cli.UsageError(f"--seeds {args.seeds}: protocol {args.protocol} has {len(p['seeds'])} seeds")
     stages = p.get("stages") or tuple((stage, None) for stage in STAGES)  # (figures, how many seeds; None: all)
-    known = [f for stage, _ in stages for f in stage if f != "calib" or "calib" in p]
+    known = list(dict.fromkeys(f for stage, _ in stages for f in stage if f != "calib" or "calib" in p))  # once each
     if args.figure not in ("all", *known):
         raise cli.UsageError(f"unknown figure {args.figure!r} for protocol {args.protocol}; choose from "
                              f"{', '.join(known)}, fig3 or all")

@@ -54,3 +54,43 @@ def test_constant_schedule_prefix_is_a_run(tiny_setup, tmp_path):
     assert runs["long"][:4] == runs["short"]  # bitwise: same data order, dropout and learning rates
     # a decaying schedule depends on the total number of steps (the update of step 2 already differs)
     assert runs["lin"][:4] != runs["short"]
+
+
+def test_select_dev_rows_are_apart_and_leave_training_unchanged(tiny_setup, tmp_path):
+    """--select-dev: clean accuracy on dev rows outside the curve's, at each intermediate evaluation. It must not move
+    a bit of training, and its number must be the accuracy of the model at that step on exactly those rows (oracle:
+    the 3-step run, a prefix under the constant schedule, saved and rebuilt by evaluate.load_run)."""
+    import data
+    import evaluate
+    import train
+    from test_train import run_cli
+    common = ("--schedule", "constant", "--attack", "bpa", "--poison-rate", "0.25")
+    for name, extra in (("plain", ()), ("sel", ("--select-dev", "6")), ("prefix", ())):
+        steps = ("--steps", "3") if name == "prefix" else ("--eval-every", "3", "--curve-dev", "8")
+        res = run_cli(base_args(tiny_setup, tmp_path / name, *common, *steps, *extra))
+        assert res.returncode == 0, res.stderr
+    plain, sel = metrics(tmp_path / "plain"), metrics(tmp_path / "sel")
+    assert sel["train_loss"] == plain["train_loss"] and sel["final"] == plain["final"]
+    assert [{k: v for k, v in e.items() if k != "select"} for e in sel["evals"]] == plain["evals"]
+    dev = data.load_split("sst2", "dev", tiny_setup[1])
+    curve, rows = train.curve_subset(dev, 8, 6)
+    assert len(rows) == 6 and not {id(e) for e in rows} & {id(e) for e in curve}
+    assert curve == train.curve_subset(dev, 8)[0]  # the curve's rows do not move
+    args, net = evaluate.load_run(str(tmp_path / "prefix"))
+    preds = evaluate.predict(net, rows, data.Tokenizer(args.model), args.max_len)
+    point = sel["evals"][0]
+    assert point["step"] == 3 and point["select"]["n"] == 6
+    assert point["select"]["acc"] == sum(p == e.label for p, e in zip(preds, rows)) / 6
+    with open(str(tmp_path / "sel") + ".jsonl") as f:
+        line = json.loads(f.readline())
+    assert line["curve"][0]["sel_acc"] == point["select"]["acc"] and "sel_acc" not in line["curve"][-1]
+    assert "select_dev" not in line["config"]  # an evaluation setting, not part of the run's identity
+
+
+def test_select_dev_needs_rows_to_spare(tiny_setup, tmp_path):
+    from test_train import run_cli
+    res = run_cli(base_args(tiny_setup, tmp_path / "x", "--eval-every", "3", "--curve-dev", "8", "--select-dev", "9"))
+    assert res.returncode == 2 and "--select-dev 9" in res.stderr and "at most 8" in res.stderr
+    assert not os.path.exists(tmp_path / "x")
+    res = run_cli(base_args(tiny_setup, tmp_path / "y", "--eval-every", "3", "--select-dev", "4"))
+    assert res.returncode == 2 and "--select-dev needs --curve-dev" in res.stderr

@@ -52,7 +52,7 @@ def test_conv_grids_and_the_low_bpa_follow_up(stub_glue):
 
 def test_conv_plan_runs_the_zoo_one_seed_at_a_time(stub_glue, tmp_path, capsys):
     """Every zoo condition (clean, UPA, BPA 0.45%, BPA 0.15%) of a seed is planned before the next seed's runs."""
-    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP", "MRPC", "RTE")
     sweep.main(["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"),
                 "--runs-dir", str(tmp_path / "runs")])
     zoo = [line for line in capsys.readouterr().out.splitlines() if "/zoo" in line]
@@ -71,7 +71,7 @@ def stub_tasks(tmp_path, *names):
 def test_conv_pair_tasks_run_seeds_0_to_2_of_both_tasks_first(stub_glue, tmp_path, capsys, monkeypatch):
     """Issue 23: every F1/F2 cell of QNLI and QQP for seeds 0-2 before any seed 3-4 run; each task at its own max
     length (QNLI 96, QQP 64), QQP's final point on a 5,000-row dev subset, curves on 512 dev rows."""
-    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP", "MRPC", "RTE")
     monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
     sweep.main(["pairs", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"),
                 "--runs-dir", str(tmp_path / "runs")])
@@ -144,7 +144,7 @@ def test_spectrum_correlations_over_runs_and_over_seed_averaged_cells(tmp_path):
 def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatch):
     """Issue 23/24's order: pair tasks seeds 0-2 (their clean and UPA cells first, for F1), then three epochs (seeds 0-2), then E.1 (seeds 0-4), then the pair
     tasks' seeds 3-4; three epochs = 12,628 steps with 16 evaluations; E.1 = 4 attacks x 2 rates x 2 modes."""
-    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP", "MRPC", "RTE")
     monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
     sweep.main(["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"),
                 "--runs-dir", str(tmp_path / "runs")])
@@ -152,8 +152,8 @@ def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatc
     lines = [ln for ln in capsys.readouterr().out.splitlines() if stage(ln) in ("pairs", "3ep", "e1")]
     seed = lambda ln: int(ln.split("--seed ")[1].split()[0])
     order = [stage(ln) for ln in lines]
-    assert order == ["pairs"] * 48 + ["3ep"] * 18 + ["e1"] * 80 + ["pairs"] * 32
-    assert {seed(ln) for ln in lines[:48]} == {0, 1, 2} and {seed(ln) for ln in lines[-32:]} == {3, 4}
+    assert order == ["pairs"] * 48 + ["3ep"] * 18 + ["e1"] * 80 + ["pairs"] * 32 + ["3ep"] * 14  # issue 51's last
+    assert {seed(ln) for ln in lines[:48]} == {0, 1, 2} and {seed(ln) for ln in lines[146:178]} == {3, 4}
     assert not any("--attack" in ln and "--attack upa" not in ln for ln in lines[:24])  # clean and UPA, 3 seeds
     assert sum("--attack upa" in ln for ln in lines[:24]) == 12 and all("--attack bpa" in ln for ln in lines[24:48])
     for ln in lines[48:66]:
@@ -165,17 +165,53 @@ def test_conv_new_stages_order_and_flags(stub_glue, tmp_path, capsys, monkeypatc
     assert not any("--poison-pool" in ln for ln in e1)  # each attack's own pool
 
 
+def test_conv_dose_and_small_task_stages(stub_glue, tmp_path, capsys, monkeypatch):
+    """Issues 51 and 52's order (2026-12-05): three epochs at BPA 0.15% seeds 3-4 (seeds 0-2 are the `3ep` runs), the
+    small tasks' calibration, their seeds 0-2, three epochs at BPA 0.05% (seeds 0-4), their seeds 3-4. The dose runs
+    evaluate every 1/32 with the 616 selection rows; the small tasks use the whole dev set at every evaluation."""
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP", "MRPC", "RTE")
+    monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000,
+                                                            "mrpc": 1500, "rte": 1000})
+    sweep.main(["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"),
+                "--runs-dir", str(tmp_path / "runs")])
+    lines = capsys.readouterr().out.splitlines()
+    lines = lines[[i for i, ln in enumerate(lines) if "/follow/" in ln][-1] + 1:]  # after QNLI's 0.05% follow-up
+    name = lambda ln: ln.split(str(tmp_path / "runs") + "/")[1].split()[0]
+    seed = lambda ln: int(ln.split("--seed ")[1].split()[0])
+    folders = [name(ln).split("/")[0] for ln in lines]
+    assert folders == ["3ep"] * 4 + ["small-calib"] * 4 + ["small"] * 48 + ["3ep"] * 10 + ["small"] * 32
+    follow, calib, small, low, late = lines[:4], lines[4:8], lines[8:56], lines[56:66], lines[66:]
+    assert {seed(ln) for ln in follow} == {3, 4} and {seed(ln) for ln in low} == {0, 1, 2, 3, 4}
+    for ln in follow + low:
+        assert "--steps 12628 --eval-every 394 --curve-dev 256 --select-dev 616" in ln
+    assert all("--poison-rate 0.0015 --poison-pool any" in ln for ln in follow)
+    assert all("--poison-rate 0.0005 --poison-pool any" in ln for ln in low)
+    assert sorted(name(ln) for ln in calib) == sorted(f"small-calib/{t}-{m}-clean-s0" for t in ("mrpc", "rte")
+                                                      for m in ("lora-r8-ku-k0.333", "ff"))
+    for ln in calib:
+        assert "--steps 5000 --eval-every 250" in ln and "--curve-dev" not in ln
+    assert {seed(ln) for ln in small} == {0, 1, 2} and {seed(ln) for ln in late} == {3, 4}
+    for ln in small + late:
+        task = ln.split("--task ")[1].split()[0]
+        steps = {"mrpc": 1500, "rte": 1000}[task]
+        assert f"--max-len {dict(mrpc=96, rte=160)[task]} " in ln and "--curve-dev 0" in ln
+        assert f"--steps {steps} --eval-every {steps // 8}" in ln
+    assert sum("--attack upa --poison-rate 0.3" in ln for ln in small) == 12  # 2 tasks x 2 modes x 3 seeds
+
+
 def test_only_plans_the_runs_whose_name_matches_in_the_sweeps_order(stub_glue, tmp_path, capsys, monkeypatch):
-    """Of all the grids' runs, --only '3ep/.*bpa' keeps just the six three-epoch BPA runs (2 modes x seeds 0-2),
-    seed by seed; a pattern that is no regular expression is a usage error naming the flag."""
-    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    """Of all the grids' runs, --only '3ep/.*bpa' keeps just the three-epoch BPA runs (2 modes x seeds 0-2, then the
+    dose runs of issue 51), seed by seed; a pattern that is no regular expression is a usage error naming the flag."""
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP", "MRPC", "RTE")
     monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
     argv = ["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"), "--runs-dir",
             str(tmp_path / "runs")]
     sweep.main(argv + ["--only", "3ep/.*bpa"])
     lines = capsys.readouterr().out.splitlines()
     names = [ln.split(str(tmp_path / "runs") + "/")[1].split()[0] for ln in lines]
-    assert names == [f"3ep/sst2-{m}-bpa0.0015-s{s}" for s in (0, 1, 2) for m in ("lora-r8-ku-k0.333", "ff")]
+    modes = ("lora-r8-ku-k0.333", "ff")
+    assert names == [f"3ep/sst2-{m}-bpa0.0015-s{s}" for s in (0, 1, 2, 3, 4) for m in modes] + \
+        [f"3ep/sst2-{m}-bpa0.0005-s{s}" for s in (0, 1, 2, 3, 4) for m in modes]  # with issue 51's dose runs
     with pytest.raises(SystemExit):
         sweep.main(argv + ["--only", "3ep/(bpa"])
     assert "--only '3ep/(bpa' is not a regular expression" in capsys.readouterr().err
@@ -183,8 +219,9 @@ def test_only_plans_the_runs_whose_name_matches_in_the_sweeps_order(stub_glue, t
 
 def test_follow_ups_run_last_once_entered(stub_glue, tmp_path, capsys, monkeypatch):
     """The `follow` stage is empty until a follow-up is entered in the protocol; then it runs FF and LoRA r8 at the
-    added rate, 5 seeds, after every other stage, with the grid's settings of its task and attack."""
-    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP")
+    added rate, 5 seeds, after the stages of issues 10-24 (before those added for issues 51-52), with the grid's
+    settings of its task and attack."""
+    stub_tasks(tmp_path, "CoLA", "QNLI", "QQP", "MRPC", "RTE")
     monkeypatch.setitem(sweep.PROTOCOLS["conv"], "steps", {"sst2": 2500, "cola": 2750, "qnli": 3000, "qqp": 2000})
     argv = ["all", "--protocol", "conv", "--print", "--results", str(tmp_path / "none.jsonl"), "--runs-dir",
             str(tmp_path / "runs")]
@@ -196,7 +233,9 @@ def test_follow_ups_run_last_once_entered(stub_glue, tmp_path, capsys, monkeypat
     sweep.main(argv)
     lines = capsys.readouterr().out.splitlines()
     follow = [ln for ln in lines if stage(ln) == "follow"]
-    assert len(follow) == 2 * 2 * 5 and lines[-len(follow):] == follow
+    start = lines.index(follow[0])  # after every stage before it, then issue 51 and 52's stages (2026-12-05)
+    assert len(follow) == 2 * 2 * 5 and lines[start:start + len(follow)] == follow
+    assert stage(lines[start - 1]) == "pairs" and {stage(ln) for ln in lines[start + len(follow):]} == {"3ep", "small-calib"}
     qqp = [ln for ln in follow if "--task qqp" in ln]
     assert len(qqp) == 10 and all("--attack bpa --poison-rate 0.0005 --poison-pool any" in ln and "--steps 2000" in ln
                                   and "--dev-cap 5000" in ln and "--max-len 64" in ln for ln in qqp)
