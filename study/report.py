@@ -17,7 +17,7 @@ import attacks
 import cli
 import ledger
 import runspec
-from study import ROOT, calibrate, defend, delay, effects, numerics, stats
+from study import ROOT, calibrate, defend, delay, dose, effects, numerics, stats
 
 THEORY = os.path.join(ROOT, "results", "theory")
 
@@ -335,6 +335,10 @@ def write_effects(runs, out_dir):
         write_text(out_dir, "delay.md", delay.markdown(longer))
         effects.draw_curves(runs, "sst2", os.path.join(out_dir, "curves-sst2-3ep.png"), steps=longer["steps"])
         print(f"wrote {os.path.join(out_dir, 'delay.md')} and curves-sst2-3ep.png")
+    if longer and (poison := dose.dose(runs)):  # how much poison (issue 51): from the three-epoch runs on
+        write_text(out_dir, "dose.md", dose.markdown(poison))
+        dose.draw(poison, os.path.join(out_dir, "dose-sst2.png"))
+        print(f"wrote {os.path.join(out_dir, 'dose.md')} and dose-sst2.png")
     zoo = write_zoo(runs, rows, out_dir)
     for task in sorted({r["config"]["task"] for r in runs if len(r.get("curve", ())) > 1}):
         if effects.draw_curves(runs, task, os.path.join(out_dir, f"curves-{task}.png")):
@@ -521,7 +525,8 @@ def report_all(root):
     if "conv-bf16" in runs_of and "conv" in runs_of:  # the bf16 numerics check against its fp32 twins
         write_text(os.path.join(root, "conv-bf16"), "numerics.md",
                    numerics.markdown(numerics.compare(runs_of["conv-bf16"], runs_of["conv"])))
-    extra = [delay_row(runs_of["conv"])] + thm36_rows(root) if "conv" in rows else ()
+    extra = [delay_row(runs_of["conv"])] + dose.verdict_rows(dose.dose(runs_of["conv"])) + thm36_rows(root) \
+        if "conv" in rows else ()
     text = verdicts(rows, extra) + "\n\nCompute behind each column:\n\n" + "\n".join(compute)
     write_text(root, "verdicts.md", VERDICTS_HEAD + text)
     splice(os.path.join(root, "REPORT.md"), text)
