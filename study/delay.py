@@ -25,6 +25,9 @@ BPA = dict(attack="bpa", poison_rate=0.0015)
 UPA = dict(attack="upa", poison_rate=0.3)
 CLEAN = dict(attack="none")
 MODES = ("ff", "lora")
+# the seeds the verdict was registered on; seeds 3-4 (issue 51's follow-up, 2026-12-05) give the n = 5 interval that
+# study/dose.py reports beside it, never instead of it
+REGISTERED_SEEDS = (0, 1, 2)
 
 
 def long_runs(runs):
@@ -44,10 +47,12 @@ def _prefix_key(config):
     return runspec.run_key(config, without=("steps", "eval_every"))
 
 
-def delay_or_limit(runs):
-    """Every pre-registered quantity, each as {mode: {seed: value}} beside its paired contrast; None before the
-    three-epoch runs."""
+def delay_or_limit(runs, seeds=REGISTERED_SEEDS):
+    """Every pre-registered quantity, each as {mode: {seed: value}} beside its paired contrast, over `seeds` (None:
+    every seed in); None before the three-epoch runs."""
     longer, budget = long_runs(runs)
+    if seeds is not None:
+        longer = [r for r in longer if r["config"]["seed"] in seeds]
     if not longer:
         return None
     at = {"end": longer, "budget": budget}
@@ -93,9 +98,15 @@ def crossings(arm, threshold):
     """{seed: (samples, poisoned samples seen) at the first evaluation with net ASR >= threshold, or None}."""
     out = {}
     for seed, r in sorted(arm.items()):
-        hit = next((p for p in r["curve"] if p.get("asr_net") is not None and 100 * p["asr_net"] >= threshold), None)
-        out[seed] = (hit["samples"], hit["poisoned_seen"]) if hit else None
+        i = first_crossing(r["curve"], threshold)
+        out[seed] = None if i is None else (r["curve"][i]["samples"], r["curve"][i]["poisoned_seen"])
     return out
+
+
+def first_crossing(curve, threshold):
+    """The index of the first curve point with net ASR >= threshold (%), or None."""
+    return next((i for i, p in enumerate(curve) if p.get("asr_net") is not None and 100 * p["asr_net"] >= threshold),
+                None)
 
 
 def _paired(a, b, delta):

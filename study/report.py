@@ -17,7 +17,7 @@ import attacks
 import cli
 import ledger
 import runspec
-from study import ROOT, calibrate, defend, delay, effects, numerics, stats
+from study import ROOT, calibrate, defend, delay, dose, effects, numerics, stats
 
 THEORY = os.path.join(ROOT, "results", "theory")
 
@@ -335,6 +335,10 @@ def write_effects(runs, out_dir):
         write_text(out_dir, "delay.md", delay.markdown(longer))
         effects.draw_curves(runs, "sst2", os.path.join(out_dir, "curves-sst2-3ep.png"), steps=longer["steps"])
         print(f"wrote {os.path.join(out_dir, 'delay.md')} and curves-sst2-3ep.png")
+    if longer and (poison := dose.dose(runs)):  # how much poison (issue 51): from the three-epoch runs on
+        write_text(out_dir, "dose.md", dose.markdown(poison))
+        dose.draw(poison, os.path.join(out_dir, "dose-sst2.png"))
+        print(f"wrote {os.path.join(out_dir, 'dose.md')} and dose-sst2.png")
     zoo = write_zoo(runs, rows, out_dir)
     for task in sorted({r["config"]["task"] for r in runs if len(r.get("curve", ())) > 1}):
         if effects.draw_curves(runs, task, os.path.join(out_dir, f"curves-{task}.png")):
@@ -521,13 +525,15 @@ def thm36_rows(root):
 ANSWER_COLUMNS = (("SST-2", "conv", "sst2"), ("CoLA", "conv", "cola"), ("QNLI", "conv", "qnli"), ("QQP", "conv", "qqp"))
 DEFENCES_RAN_ON = ("conv", "sst2")  # the defences experiment's runs (study/defend.py): conv's F1/F2 BPA runs of SST-2
 _NET = "net ASR FF - LoRA"
-ANSWER_ROWS = (  # (label, where its cells come from: an effects row, the delay rule, or a defence contrast)
+ANSWER_ROWS = (  # (label, where its cells come from: an effects row, the delay or dose rule, a defence contrast)
     ("F1: LoRA's extra accuracy drop, UPA 0.3", ("effect", "F1", "UPA 0.3", None)),
     ("F2: net ASR FF - LoRA, BPA 0.15%", ("effect", "F2", "BPA 0.15%", _NET)),
     ("F2: net ASR FF - LoRA, BPA 0.45%", ("effect", "F2", "BPA 0.45%", _NET)),
     *((f"E.1 {name}: net ASR FF - LoRA, {rate}", ("effect", "F2", f"{name} {rate}", _NET))
       for name in ("CL-BPA", "IL-BPA", "MT", "S-BPA") for rate in ("0.15%", "0.45%")),
     ("Delay or limit: net ASR FF - LoRA after three epochs, BPA 0.15%", ("delay",)),
+    ("How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.15% (3 epochs)", ("dose", 0.0015)),
+    ("How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.45% (2,500 steps)", ("dose", 0.0045)),
     ("DAN: detection AUROC FF - LoRA, BPA 0.15%", ("defence", "detection AUROC", "dan", 0.0015)),
     ("DAN: ASR after, FF - LoRA, FRR 1%, BPA 0.15%", ("defence", "ASR after, FRR 0.01", "dan", 0.0015)),
     ("DAN: ASR after, FF - LoRA, FRR 5%, BPA 0.15%", ("defence", "ASR after, FRR 0.05", "dan", 0.0015)),
@@ -544,16 +550,21 @@ def answer_table(effect_rows, runs_of, defence_rows, columns=ANSWER_COLUMNS, row
     """The answer as Markdown. effect_rows and runs_of: {protocol: effects rows / runs}; defence_rows: study/defend.py's
     contrasts (fractions), of the runs DEFENCES_RAN_ON. A cell is '-' where the question was not asked (or has fewer
     than two paired seeds yet)."""
-    delays = {p: delay.delay_or_limit(runs_of[p]) for p in {c[1] for c in columns} if p in runs_of}
+    # SST-2 over three epochs: the delay rule's and the dose rule's results, per protocol
+    longer = {p: (delay.delay_or_limit(runs_of[p]), dose.dose(runs_of[p])) for p in {c[1] for c in columns}
+              if p in runs_of}
 
     def cell(protocol, task, source):
         if source[0] == "effect":
             r = find_row(effect_rows.get(protocol, ()), source[1], task, *source[2:])
             return answer_cell(r) if r else "-"
+        res_delay, res_dose = longer.get(protocol, (None, None)) if task == "sst2" else (None, None)
         if source[0] == "delay":
-            res = delays.get(protocol) if task == "sst2" else None
-            e = res and res["contrasts"][("end", "net ASR")]
-            return answer_cell(e, res["verdict"]) if e else "-"
+            e = res_delay and res_delay["contrasts"][("end", "net ASR")]
+            return answer_cell(e, res_delay["verdict"]) if e else "-"
+        if source[0] == "dose":
+            ratio = res_dose and source[1] in res_dose and res_dose[source[1]]["ratio"][50]
+            return dose.ratio_text(ratio) if ratio and ratio["effect"] else "-"
         hits = [e for what, name, rate, e in defence_rows if (what, name, rate) == source[1:] and e["n"] > 1]
         if (protocol, task) != DEFENCES_RAN_ON or not hits:
             return "-"
@@ -591,7 +602,8 @@ def report_all(root):
     if "conv-bf16" in runs_of and "conv" in runs_of:  # the bf16 numerics check against its fp32 twins
         write_text(os.path.join(root, "conv-bf16"), "numerics.md",
                    numerics.markdown(numerics.compare(runs_of["conv-bf16"], runs_of["conv"])))
-    extra = [delay_row(runs_of["conv"])] + thm36_rows(root) if "conv" in rows else ()
+    extra = [delay_row(runs_of["conv"])] + dose.verdict_rows(dose.dose(runs_of["conv"])) + thm36_rows(root) \
+        if "conv" in rows else ()
     text = verdicts(rows, extra) + "\n\nCompute behind each column:\n\n" + "\n".join(compute)
     write_text(root, "verdicts.md", VERDICTS_HEAD + text)
     splice(os.path.join(root, "REPORT.md"), text)

@@ -66,3 +66,16 @@ def test_defence_contrasts_are_points_in_the_column_of_the_runs_they_ran_on():
     assert cells(table, "DAN: ASR after, FF - LoRA, FRR 5%") == ["-5.9 [-11.2, -0.6], n=5, **opposite**", "-", "-", "-"]
     assert cells(table, "BKI") == ["-"] * 4  # one paired seed: no interval yet
     assert cells(table, "DAN: detection AUROC") == ["-"] * 4
+
+
+def test_the_dose_rows_give_the_dose_rules_ratio_on_sst2_only(monkeypatch):
+    # log-ratios with mean log 2 and interval [log 1.5, log 3], as study/dose.py's ratio_cell returns them
+    import math
+    from study import dose
+    cell = dict(effect=dict(mean=math.log(2), lo=math.log(1.5), hi=math.log(3), n=3), verdict="replicated", bounded=1)
+    monkeypatch.setattr(dose, "dose", lambda runs: {0.0015: {"ratio": {50: cell}}})
+    runs = upa_runs()
+    table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs}, ())
+    assert cells(table, "How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.15%") == \
+        ["2.00x [1.50, 3.00], n=3, **replicated** (1 seed a lower bound)", "-", "-", "-"]
+    assert cells(table, "How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.45%") == ["-"] * 4
