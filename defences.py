@@ -102,8 +102,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-from tqdm import tqdm
-
 import attacks
 import cli
 import data
@@ -160,7 +158,7 @@ def outputs(net, examples, tokenizer, max_len, layers=slice(None), batch_size=64
 
 
 def _bar(total, label, unit):
-    return tqdm(total=total, desc=label, unit=unit, disable=label is None, dynamic_ncols=True, leave=False)
+    return cli.progress(total=total, desc=label, unit=unit, disable=label is None, leave=False)
 
 
 def dev_split(dev):

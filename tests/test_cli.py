@@ -3,6 +3,7 @@ traceback, and leave the folder it ran in as it was. Most cases call the command
 run real processes (a real exit code, two trainers on one --out, a killed trainer's lock). Then what must work:
 a torn results line, an older config.json, an error in the middle of training, every default in --help."""
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -337,3 +338,54 @@ def test_help_shows_every_default_zero_included(capsys):
             main(argv + ["--help"])
         assert stop.value.code == 0
     capsys.readouterr()
+
+
+# -----------------------------------------------------------------------------
+# progress: a bar on a terminal, plain lines in a log
+
+class Stream(io.StringIO):
+    """A stream that is a terminal or not."""
+
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def log_lines(total, seconds_per_step, initial=0):
+    """The lines LogProgress writes for a loop from `initial` to `total` whose steps take seconds_per_step each (a
+    clock the test sets), each step's loss 1 / step."""
+    now, log = [0.0], Stream(tty=False)
+    bar = cli.LogProgress(desc="train", total=total, unit="step", initial=initial, file=log, clock=lambda: now[0])
+    for step in range(initial + 1, total + 1):
+        now[0] = (step - initial) * seconds_per_step
+        bar.set_postfix({"loss": f"{1 / step:.4f}", "lr": "1.00e-03"})
+        bar.update(1)
+    assert "\r" not in log.getvalue()
+    return log.getvalue().splitlines()
+
+
+def test_a_log_gets_a_line_every_round_number_of_steps_and_at_the_last():
+    # 2,500 steps: a line every 100 (the largest 1, 2 or 5 x 10^k giving at least 20 lines), elapsed and ETA
+    # worked out by hand (3 s a step: 1,000 steps took 50 min, 1,500 more take 75)
+    lines = log_lines(2500, 3.0)
+    assert [line.split()[2] for line in lines] == [f"{k}/2500" for k in range(100, 2501, 100)]
+    assert lines[9] == "train: step 1000/2500 (40%), loss 0.0010, lr 1.00e-03, elapsed 50:00, ETA 1:15:00"
+    assert lines[-1] == "train: step 2500/2500 (100%), loss 0.0004, lr 1.00e-03, elapsed 2:05:00"
+    # fast steps (10 ms): never two lines within 10 s, the last step's always
+    assert [line.split()[2] for line in log_lines(2500, 0.01)] == ["1000/2500", "2000/2500", "2500/2500"]
+    assert [line.split()[2] for line in log_lines(7, 0.01)] == ["7/7"]
+    # a resumed run (at step 2,000, 2 s a step): elapsed and ETA are this process's
+    lines = log_lines(2500, 2.0, initial=2000)
+    assert lines[1] == "train: step 2200/2500 (88%), loss 0.0005, lr 1.00e-03, elapsed 6:40, ETA 10:00"
+    assert len(lines) == 5
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    tty, log = Stream(tty=True), Stream(tty=False)
+    for stream in (tty, log):
+        assert list(cli.progress(range(30), desc="scoring", unit="input", file=stream)) == list(range(30))
+    assert "\r" in tty.getvalue()  # tqdm redraws in place
+    assert log.getvalue() == "scoring: input 30/30 (100%), elapsed 0:00\n"
