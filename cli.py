@@ -108,11 +108,19 @@ def check_folder_path(path, flag):
 
 
 def check_input_file(path, what):
-    """A file we will read."""
+    """A file we will read (`what`: the flag, or what a positional argument is)."""
     if os.path.isdir(path):
         raise UsageError(f"{what} {path} is a folder; it must name a file")
     if not os.path.isfile(path):
-        raise UsageError(f"{what} {path}: no such file")
+        raise UsageError(f"{what} {path} does not exist")
+
+
+def check_input_folder(path, what, fix=""):
+    """A folder we will read (`what`: the flag, or what a positional argument is; `fix`: what to pass instead)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist" + (f"; {fix}" if fix else ""))
+    if not os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a file, not a folder" + (f"; {fix}" if fix else ""))
 
 
 def read_json(path, what):

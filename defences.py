@@ -631,8 +631,7 @@ def scores_path(out):
 
 
 def check_args(a):
-    if not os.path.isfile(os.path.join(a.run_dir, "config.json")):
-        raise cli.UsageError(f"{a.run_dir}: not a run folder (no config.json)")
+    evaluate.read_config(a.run_dir)  # a run folder, whose config.json reads
     if not os.path.isfile(os.path.join(a.run_dir, "metrics.json")):
         raise cli.UsageError(f"{a.run_dir}: the run has not finished (no metrics.json); finish it with train.py --resume")
     for f in a.frr:

@@ -237,8 +237,9 @@ def check_out(args):
         raise cli.UsageError(f"--out {args.out} holds files but no run ({shown}); choose another folder"
                              + (" (--overwrite deletes run folders only)" if args.overwrite else " or empty it"))
     if args.resume == "yes":
-        raise cli.UsageError(f"--resume: --out {args.out} holds no run to continue; drop --resume to start one "
-                             "(--resume auto starts or continues)")
+        what = "holds no run to continue" if os.path.exists(args.out) else "does not exist: no run to continue"
+        raise cli.UsageError(f"--resume: --out {args.out} {what}; drop --resume to start one (--resume auto starts "
+                             "or continues)")
     return "start"
 
 

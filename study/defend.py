@@ -397,7 +397,7 @@ def main(argv=None):
         cli.check_folder_path(a.drops, "--drops")
         cli.check_folder_path(a.scores, "--scores")
         if not os.path.isfile(a.committed):
-            raise cli.UsageError(f"--committed {a.committed}: no such results file")
+            raise cli.UsageError(f"--committed {a.committed} does not exist")
         a.until = None if a.until is None else sweep.until_time(a.until)
         lock = None if a.stage in ("plan", "effects", "figure") or a.print else \
             cli.own_folder(a.runs_dir, "--runs-dir")  # noqa: F841 (held until the end: one process per runs folder)

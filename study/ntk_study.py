@@ -317,8 +317,7 @@ def find_runs(paths):
     """Finished run folders (config.json plus adapter.safetensors or model/) at or below each path, sorted."""
     found = []
     for p in paths:
-        if not os.path.isdir(p):
-            raise cli.UsageError(f"{p}: not a folder")
+        cli.check_input_folder(p, "run folder", "pass run folders, or folders holding them")
         for cfg in sorted(glob.glob(os.path.join(p, "**", "config.json"), recursive=True)):
             d = os.path.dirname(cfg)
             if os.path.isfile(os.path.join(d, "adapter.safetensors")) or os.path.isdir(os.path.join(d, "model")):
@@ -658,8 +657,14 @@ def parser():
 
 def check(args):
     """The checks argparse cannot make, as cli.UsageError (one line, exit code 2)."""
+    import data
     import lora
+    import runspec
     cli.check_folder_path(args.out, "--out")
+    if args.model is not None:
+        runspec.check_model_folder(args.model)
+    if args.data_dir is not None:
+        data.glue_dir(args.data_dir)
     if args.n < 2 or args.max_len < 2 or args.threads < 1:
         raise cli.UsageError("--n and --max-len must be at least 2, --threads at least 1")
     if args.cmd == "thm36" and (any(k <= 0 for k in args.scales) or any(r < 1 for r in args.ranks)):
@@ -673,10 +678,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.command = " ".join(["python -m study.ntk_study", *argv])
-    torch.set_num_threads(args.threads)
     t = time.time()
     with cli.usage_errors():  # bad flags, files, data or checkpoints: one line, exit code 2
         check(args)
+        torch.set_num_threads(args.threads)
         import model as M
         args.model = args.model or M.default_model_dir()
         if args.cmd == "thm36":

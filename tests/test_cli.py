@@ -15,11 +15,15 @@ import types
 
 import pytest
 
+from bench import fisher, step
 from study import calibrate
 import cli
 import data
+import defences
 import evaluate
+import ledger
 import ntk
+from study import ntk_study
 from study import report
 import runspec
 from study import spectrum
@@ -144,23 +148,32 @@ CASES = [  # (id, command's main, argv, prep, words the one error line must cont
     ("train --init unknown", train.main, T("--init", "nope"), None, "--init"),
     ("train --task mnli", train.main, T("--task", "mnli"), None, "mnli"),
     ("train unknown flag", train.main, T("--foo"), None, "--foo"),
-    ("train --model missing", train.main, T("--model", "/nonexistent/bert"), None, "/nonexistent/bert"),
+    ("train --model missing", train.main, T("--model", "/nonexistent/bert"), None,
+     "--model /nonexistent/bert does not exist"),
+    ("train --model a file", train.main, T("--model", "afile"), put("afile"), "--model afile is a file, not a folder"),
+    ("train --drop-rows missing", train.main, T("--drop-rows", "nope.json"), None,
+     "--drop-rows nope.json does not exist"),
     ("train --data-dir missing", train.main, T("--data-dir", "/nonexistent/glue"), None, "/nonexistent/glue"),
     ("train --resume and --overwrite", train.main, T("--resume", "--overwrite"), None, "contradict"),
-    ("train --resume, no folder", train.main, T("--resume"), None, "holds no run"),
+    ("train --resume, no folder", train.main, T("--resume"), None, "--out run does not exist"),
     ("train --resume, empty folder", train.main, T("--resume"), folder("run"), "holds no run"),
     ("train --resume, foreign folder", train.main, T("--resume"), put("run/notes.txt"), "no run"),
     ("train --overwrite, foreign folder", train.main, T("--overwrite"), put("run/notes.txt"), "run folders only"),
     ("train --out holds another run", train.main, T(), a_run, "already holds a run"),
     ("train --resume, other settings", train.main, T("--resume", "--steps", "7"), a_run, "different settings (steps)"),
     ("train --out in use", train.main, T("--overwrite"), both(a_run, held("run")), "in use by another live process"),
-    ("evaluate no such folder", evaluate.main, ["nope"], None, "not a run folder"),
+    ("evaluate no such folder", evaluate.main, ["nope"], None, "run folder nope does not exist"),
+    ("evaluate a file", evaluate.main, ["afile"], put("afile"), "run folder afile is a file, not a folder"),
+    ("evaluate a folder that is no run", evaluate.main, ["d"], folder("d"), "d: not a run folder (no config.json)"),
+    ("defences no such folder", defences.main, ["nope", "--defence", "dan"], None, "run folder nope does not exist"),
+    ("ledger strict missing file", ledger.main, ["strict", "nope.jsonl"], None,
+     "results file nope.jsonl does not exist"),
     ("evaluate config.json not JSON", evaluate.main, ["run"], put("run/config.json", "{"), "not a run's config.json"),
     ("evaluate config.json without run", evaluate.main, ["run"], put("run/config.json", "{}"), "not a run's config.json"),
     ("evaluate run without weights", evaluate.main, ["run"], a_run, "adapter.safetensors"),
     ("evaluate the old report command", evaluate.main, ["report", "r.jsonl"], None, "python -m study.report"),
     ("evaluate no arguments", evaluate.main, [], None, "run_dir"),
-    ("report missing file", report.main, ["nope.jsonl"], None, "no such file"),
+    ("report missing file", report.main, ["nope.jsonl"], None, "results file nope.jsonl does not exist"),
     ("report on a folder", report.main, ["d"], folder("d"), "is a folder"),
     ("report bad middle line", report.main, ["r.jsonl"], put("r.jsonl", f"{GOOD}\n{{oops\n{GOOD}\n"), "r.jsonl:2"),
     ("report line without config", report.main, ["r.jsonl"], put("r.jsonl", '{"metrics": {}}\n'), "no config"),
@@ -202,7 +215,15 @@ CASES = [  # (id, command's main, argv, prep, words the one error line must cont
     ("ntk fig3 --alpha -1", ntk.main, ["fig3", "--out", "f", "--alpha", "-1"], None, "alpha"),
     ("ntk fig3 --out a file", ntk.main, ["fig3", "--out", "afile"], put("afile"), "is a file"),
     ("ntk fig3 without --out", ntk.main, ["fig3"], None, "--out"),
-    ("calibrate missing results", calibrate.main, ["nope.jsonl"], None, "nope.jsonl"),
+    ("calibrate missing results", calibrate.main, ["nope.jsonl"], None, "results file nope.jsonl does not exist"),
+    ("ntk_study --model missing", ntk_study.main, ["thm36", "--model", "/nonexistent/bert", "--out", "f"], None,
+     "--model /nonexistent/bert does not exist"),
+    ("ntk_study runs, a run folder missing", ntk_study.main, ["runs", "nope", "--out", "f"], None,
+     "run folder nope does not exist"),
+    ("bench.step --model missing", step.main, ["--model", "/nonexistent/bert"], None,
+     "--model /nonexistent/bert does not exist"),
+    ("bench.fisher --model missing", fisher.main, ["--model", "/nonexistent/bert"], None,
+     "--model /nonexistent/bert does not exist"),
 ]
 
 
