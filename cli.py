@@ -250,23 +250,25 @@ def progress(iterable=None, desc=None, total=None, unit="it", initial=0, leave=T
         from tqdm import tqdm
         return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, leave=leave, file=file,
                     dynamic_ncols=True)
-    return LogProgress(iterable, desc, total, unit, initial, disable, file)
+    return LogProgress(iterable, desc, total, unit, initial, leave, disable, file)
 
 
 class LogProgress:
     """Progress as plain lines: one each time the count passes a multiple of `every` (the largest 1, 2 or 5 x 10^k
     that is at most a LOG_LINES-th of the total: 20 to 50 lines) unless the last line is less than LOG_GAP_S old,
-    and one at the last unit, with what a reader of a log needs:
+    and one at the last unit (for a pass that leaves no bar on a terminal, leave=False, only if it took LOG_GAP_S or
+    more), with what a reader of a log needs:
 
         train: step 1000/2500 (40%), loss 0.4213, lr 3.00e-04, samples/s 92.1, elapsed 3:01, ETA 4:32
 
     Elapsed and ETA are this process's (a resumed run counts from where it resumed)."""
 
-    def __init__(self, iterable=None, desc=None, total=None, unit="it", initial=0, disable=False, file=None,
-                 clock=time.monotonic):
+    def __init__(self, iterable=None, desc=None, total=None, unit="it", initial=0, leave=True, disable=False,
+                 file=None, clock=time.monotonic):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
-        self.iterable, self.desc, self.total, self.unit, self.disable = iterable, desc, total, unit, disable
+        self.iterable, self.desc, self.total, self.unit = iterable, desc, total, unit
+        self.leave, self.disable = leave, disable
         self.file, self.clock = file or sys.stderr, clock
         self.n = self.initial = initial
         self.every = round_every(total / LOG_LINES) if total else None
@@ -285,7 +287,7 @@ class LogProgress:
     def update(self, n=1):
         before, self.n = self.n, self.n + n
         now = self.clock()
-        last = self.total is not None and self.n >= self.total > before
+        last = self.total is not None and self.n >= self.total > before and (self.leave or now - self.t0 >= LOG_GAP_S)
         passed = self.every is not None and self.n // self.every > before // self.every
         if not self.disable and (last or (passed and now - self.last >= LOG_GAP_S)):
             self.last = now

@@ -375,11 +375,12 @@ class Stream(io.StringIO):
         return self.tty
 
 
-def log_lines(total, seconds_per_step, initial=0):
+def log_lines(total, seconds_per_step, initial=0, leave=True):
     """The lines LogProgress writes for a loop from `initial` to `total` whose steps take seconds_per_step each (a
     clock the test sets), each step's loss 1 / step."""
     now, log = [0.0], Stream(tty=False)
-    bar = cli.LogProgress(desc="train", total=total, unit="step", initial=initial, file=log, clock=lambda: now[0])
+    bar = cli.LogProgress(desc="train", total=total, unit="step", initial=initial, leave=leave, file=log,
+                          clock=lambda: now[0])
     for step in range(initial + 1, total + 1):
         now[0] = (step - initial) * seconds_per_step
         bar.set_postfix({"loss": f"{1 / step:.4f}", "lr": "1.00e-03"})
@@ -398,6 +399,9 @@ def test_a_log_gets_a_line_every_round_number_of_steps_and_at_the_last():
     # fast steps (10 ms): never two lines within 10 s, the last step's always
     assert [line.split()[2] for line in log_lines(2500, 0.01)] == ["1000/2500", "2000/2500", "2500/2500"]
     assert [line.split()[2] for line in log_lines(7, 0.01)] == ["7/7"]
+    # a pass that leaves no bar on a terminal leaves no line in a log either, unless it took 10 s or more
+    assert log_lines(7, 0.01, leave=False) == []
+    assert [line.split()[2] for line in log_lines(7, 2.0, leave=False)] == ["5/7", "7/7"]
     # a resumed run (at step 2,000, 2 s a step): elapsed and ETA are this process's
     lines = log_lines(2500, 2.0, initial=2000)
     assert lines[1] == "train: step 2200/2500 (88%), loss 0.0005, lr 1.00e-03, elapsed 6:40, ETA 10:00"
