@@ -1,13 +1,14 @@
 """
 What every command line of the project shares: one-line errors with exit code 2, --help that shows every default,
 checks on the paths a user names, the lock that makes a folder one live process's own, and writes that leave no
-torn file.
+torn file, and progress reports that read well on a terminal and in a log file.
 
     parser = cli.Parser(description=__doc__)        # argparse, but a bad flag is one line and exit code 2
     with cli.usage_errors():                        # UsageError (or a ValueError/OSError naming a flag or file)
         ...                                         #   -> "error: <what and the fix>" on stderr, exit code 2
     lock = cli.own_folder("runs/x")                 # held until the process ends, however it ends
     cli.write_json("runs/x/config.json", obj)       # the whole file or none (also write_file, write_atomic)
+    bar = cli.progress(total=300, desc="train", unit="step")  # a bar on a terminal, plain lines in a file
 
 Imports nothing from the project: every other module may use it.
 """
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import sys
+import time
 
 USAGE = 2  # the exit code of every usage error (argparse's own)
 LOCK_NAME = ".lock"
@@ -106,11 +108,19 @@ def check_folder_path(path, flag):
 
 
 def check_input_file(path, what):
-    """A file we will read."""
+    """A file we will read (`what`: the flag, or what a positional argument is)."""
     if os.path.isdir(path):
         raise UsageError(f"{what} {path} is a folder; it must name a file")
     if not os.path.isfile(path):
-        raise UsageError(f"{what} {path}: no such file")
+        raise UsageError(f"{what} {path} does not exist")
+
+
+def check_input_folder(path, what, fix=""):
+    """A folder we will read (`what`: the flag, or what a positional argument is; `fix`: what to pass instead)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist" + (f"; {fix}" if fix else ""))
+    if not os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a file, not a folder" + (f"; {fix}" if fix else ""))
 
 
 def read_json(path, what):
@@ -217,3 +227,100 @@ def write_file(path, data):
 def write_json(path, obj):
     """Strict JSON (strict_json), atomically (write_atomic)."""
     write_file(path, strict_json(obj, path, indent=2))
+
+
+# -----------------------------------------------------------------------------
+# progress: a bar on a terminal, plain lines in a log
+
+LOG_LINES = 20   # a log gets a line every round number of units giving 20 to 50 lines over the total ...
+LOG_GAP_S = 10   # ... but not within 10 s of the last line (short passes write their last line only)
+PROGRESS_HELP = (f"Progress (on stderr): on a terminal, a bar redrawn in place; in a file or a pipe (a sweep's log, "
+                 f"torchrun under a scheduler), a plain line each time another 1, 2 or 5 x 10^k units are done, the "
+                 f"largest such number giving at least {LOG_LINES} lines (e.g. every 100 of 2,500 steps), none within "
+                 f"{LOG_GAP_S} s of the last, and one at the last unit.")
+
+
+def progress(iterable=None, desc=None, total=None, unit="it", initial=0, leave=True, disable=False, file=None):
+    """A progress report with tqdm's interface (iterate over it, or call update(n); set_postfix(dict) for what the
+    loop has to add; write(text) for a message of its own, on stdout). On a terminal it is tqdm's bar, redrawn in
+    place. Anywhere else (a file, a pipe: a sweep's run log, torchrun under a scheduler, CI) each redraw would be
+    one more carriage return on a single endless line, so it writes plain lines instead (LogProgress)."""
+    file = file or sys.stderr
+    if not disable and getattr(file, "isatty", lambda: False)():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, leave=leave, file=file,
+                    dynamic_ncols=True)
+    return LogProgress(iterable, desc, total, unit, initial, leave, disable, file)
+
+
+class LogProgress:
+    """Progress as plain lines: one each time the count passes a multiple of `every` (the largest 1, 2 or 5 x 10^k
+    that is at most a LOG_LINES-th of the total: 20 to 50 lines) unless the last line is less than LOG_GAP_S old,
+    and one at the last unit (for a pass that leaves no bar on a terminal, leave=False, only if it took LOG_GAP_S or
+    more), with what a reader of a log needs:
+
+        train: step 1000/2500 (40%), loss 0.4213, lr 3.00e-04, samples/s 92.1, elapsed 3:01, ETA 4:32
+
+    Elapsed and ETA are this process's (a resumed run counts from where it resumed)."""
+
+    def __init__(self, iterable=None, desc=None, total=None, unit="it", initial=0, leave=True, disable=False,
+                 file=None, clock=time.monotonic):
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.iterable, self.desc, self.total, self.unit = iterable, desc, total, unit
+        self.leave, self.disable = leave, disable
+        self.file, self.clock = file or sys.stderr, clock
+        self.n = self.initial = initial
+        self.every = round_every(total / LOG_LINES) if total else None
+        self.postfix = {}
+        self.t0 = self.last = clock()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def set_postfix(self, values=None, refresh=True, **kw):  # tqdm's signature; the next line written shows them
+        self.postfix = {**(values or {}), **kw}
+
+    def update(self, n=1):
+        before, self.n = self.n, self.n + n
+        now = self.clock()
+        last = self.total is not None and self.n >= self.total > before and (self.leave or now - self.t0 >= LOG_GAP_S)
+        passed = self.every is not None and self.n // self.every > before // self.every
+        if not self.disable and (last or (passed and now - self.last >= LOG_GAP_S)):
+            self.last = now
+            sys.stdout.flush()  # what the loop printed before comes before this line in a shared log
+            print(self.line(now), file=self.file, flush=True)
+
+    def line(self, now):
+        elapsed = now - self.t0
+        done = f"{self.n}/{self.total} ({100 * self.n // self.total}%)" if self.total else f"{self.n}"
+        parts = [f"{self.unit} {done}"] + [f"{k} {v}" for k, v in self.postfix.items()]
+        parts.append(f"elapsed {clock_time(elapsed)}")
+        if self.total and self.initial < self.n < self.total:
+            parts.append(f"ETA {clock_time((self.total - self.n) * elapsed / (self.n - self.initial))}")
+        return (f"{self.desc}: " if self.desc else "") + ", ".join(parts)
+
+    @staticmethod
+    def write(text):
+        print(text, flush=True)
+
+    def close(self):
+        pass
+
+
+def round_every(x):
+    """The largest of 1, 2, 5, 10, 20, 50, ... that is at most x (1 for x < 1)."""
+    if x < 1:
+        return 1
+    power = 10 ** math.floor(math.log10(x))
+    return max(m * power for m in (1, 2, 5) if m * power <= x)
+
+
+def clock_time(seconds):
+    """4:31, or 1:48:20 past an hour."""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

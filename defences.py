@@ -2,9 +2,10 @@
 Backdoor defences over our model, tokenizer and data: three inference-time detectors, three training-data filters,
 and the field's metrics for both. Pure functions; offline; nothing beyond torch.
 
-    python defences.py RUN_DIR --defence dan            # one defence on a saved run; JSON in RUN_DIR/defences/
+    python defences.py RUN_DIR --defence dan   # one defence on a saved run: RUN_DIR/defences/dan.json, dan-scores.json
 
-    detect("dan", net, tok, dev, "bpa", {"target": 1}, max_len=64)   # AUROC, FRR/FAR/CACC/ASR at FRR 1% and 5%
+    detect("dan", net, tok, dev, "bpa", {"target": 1}, max_len=64)   # AUROC, FRR/FAR/CACC/ASR at FRR 1% and 5%;
+                                                                      # each input's score (to compute them again)
     filter_rows("spectral", net, tok, train_set, poisoned, max_len=64, expected=n)  # rows to drop, precision, recall
 
 Inference-time detectors. Each gives an input a suspicion score (higher = more likely triggered). The clean dev set
@@ -92,6 +93,9 @@ Metrics (the field's conventions; "flagged" = score > threshold):
              triggered input counts as not attacked). The triggered inputs are the test third's non-target rows
              with the trigger (attacks.triggered_dev); "before" = the same numbers with nothing flagged.
   precision, recall of a filter: |dropped & poisoned| / |dropped| and / |poisoned| (None when the denominator is 0).
+A detector's result comes with the score of every calib, clean test and triggered test input, their dev rows, and
+which clean inputs the model gets right and which triggered ones it predicts as the target (detect): everything
+above can be computed again from them, and any other threshold or a ROC curve drawn.
 """
 import json
 import math
@@ -102,8 +106,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-from tqdm import tqdm
-
 import attacks
 import cli
 import data
@@ -160,13 +162,18 @@ def outputs(net, examples, tokenizer, max_len, layers=slice(None), batch_size=64
 
 
 def _bar(total, label, unit):
-    return tqdm(total=total, desc=label, unit=unit, disable=label is None, dynamic_ncols=True, leave=False)
+    return cli.progress(total=total, desc=label, unit=unit, disable=label is None, leave=False)
 
 
 def dev_split(dev):
     """The clean dev rows cut into three thirds seeded by SPLIT_SEED (fit, calib, test), each in dev order."""
-    third = len(dev) // 3
-    return seeded_parts(dev, (third, 2 * third), SPLIT_SEED)
+    return tuple([dev[i] for i in part] for part in dev_split_rows(len(dev)))
+
+
+def dev_split_rows(n):
+    """dev_split's thirds of n dev rows as row indices (0-based, in the run's dev set)."""
+    third = n // 3
+    return seeded_parts(range(n), (third, 2 * third), SPLIT_SEED)
 
 
 def seeded_parts(rows, cuts, seed):
@@ -367,10 +374,18 @@ def _share(mask):
 
 def detect(name, net, tokenizer, dev, attack, attack_opts, max_len, frrs=FRRS):
     """One detector measured: fitted on the fit third, thresholds on the calib third, measured on the test third
-    (clean) and its non-target rows triggered. Returns the metrics as a JSON-ready dict."""
+    (clean) and its non-target rows triggered. Returns (the metrics, the per-input scores they were computed from),
+    both JSON-ready. The scores, from which the AUROCs and every threshold, FRR, FAR, CACC and ASR can be computed
+    again (or a ROC curve drawn), hold for each part its dev rows (0-based indices into the run's dev set, after
+    --dev-cap) and their scores, in one order:
+        {"target": 1, "calib": {"rows": [...], "score": [...]},
+         "clean": {"rows": [...], "score": [...], "right": [...]},    # right: predicted as its label
+         "triggered": {"rows": [...], "score": [...], "hit": [...]}}  # the clean rows not of the target label,
+                                                                        # triggered; hit: predicted as the target"""
     target = attack_opts.get("target", 1)
+    _, calib_rows, test_rows = dev_split_rows(len(dev))
     fit, calib, test = dev_split(dev)
-    triggered = attacks.triggered_dev(attack, test, **attack_opts)
+    triggered = attacks.triggered_dev(attack, test, **attack_opts)  # test's rows of other labels, in test's order
     score = DETECTORS[name](net, tokenizer, fit, max_len, target, **SETTINGS[name])
     s_calib, s_clean, s_trig = score(calib), score(test), score(triggered)
     right = outputs(net, test, tokenizer, max_len, NO_STATES)[0].argmax(-1) == torch.tensor([e.label for e in test])
@@ -383,7 +398,11 @@ def detect(name, net, tokenizer, dev, attack, attack_opts, max_len, frrs=FRRS):
     for frr in frrs:
         t = threshold(s_calib, frr)
         out[f"frr{frr:g}"] = dict(threshold=t, **after_defence(s_clean > t, right, s_trig > t, hit))
-    return out
+    scores = dict(target=target, calib=dict(rows=calib_rows, score=s_calib.tolist()),
+                  clean=dict(rows=test_rows, score=s_clean.tolist(), right=right.tolist()),
+                  triggered=dict(rows=[i for i in test_rows if dev[i].label != target], score=s_trig.tolist(),
+                                 hit=hit.tolist()))
+    return out, scores
 
 
 # -----------------------------------------------------------------------------
@@ -538,7 +557,8 @@ DEFENCES = (*DETECTORS, *FILTERS)
 # python defences.py RUN_DIR --defence NAME
 
 def run_defence(run_dir, name, frrs=FRRS, data_dir=None, expected=None):
-    """One defence on a saved run (evaluate.load_run): its metrics, with the run's configuration."""
+    """One defence on a saved run (evaluate.load_run): its metrics, with the run's configuration; a detector's
+    per-input scores under "scores" (see detect), a filter's dropped rows under "dropped"."""
     args, net = evaluate.load_run(run_dir)
     if data_dir:
         args.data_dir = data_dir
@@ -551,7 +571,8 @@ def run_defence(run_dir, name, frrs=FRRS, data_dir=None, expected=None):
     result = dict(run=run_dir, config=runspec.run_config(args), settings=settings(name, frrs),
                   source=dict(cacc=final["clean"]["acc"], asr=final["asr"], asr_net=final["asr_net"]))  # None: undefined
     if name in DETECTORS:
-        result["metrics"] = detect(name, net, tokenizer, dev, args.attack, runspec.attack_opts(args), args.max_len, frrs)
+        result["metrics"], result["scores"] = detect(name, net, tokenizer, dev, args.attack, runspec.attack_opts(args),
+                                                     args.max_len, frrs)
     else:
         n = attacks.count(args.poison_rate, len(train_set)) if expected is None else expected
         result["metrics"], result["dropped"] = filter_rows(name, net, tokenizer, train_set, poisoned, args.max_len, n,
@@ -593,9 +614,24 @@ def write_json(path, obj):
     cli.write_json(path, obj)
 
 
+def write_scores(path, result):
+    """Move a detector's per-input scores out of its result into their own file (the result, one line of a results
+    file, stays small), which the result names under "scores". One key a line: a part's hundreds of numbers one
+    per line would make the file thousands of lines long."""
+    obj = dict(run=result["run"], defence=result["metrics"]["defence"], **result.pop("scores"))
+    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {cli.strict_json(v, path)}" for k, v in obj.items()) + "\n}\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cli.write_file(path, text)
+    result["scores"] = path
+
+
+def scores_path(out):
+    """Where a detector's scores go beside its result file: dan.json -> dan-scores.json."""
+    return os.path.splitext(out)[0] + "-scores.json"
+
+
 def check_args(a):
-    if not os.path.isfile(os.path.join(a.run_dir, "config.json")):
-        raise cli.UsageError(f"{a.run_dir}: not a run folder (no config.json)")
+    evaluate.read_config(a.run_dir)  # a run folder, whose config.json reads
     if not os.path.isfile(os.path.join(a.run_dir, "metrics.json")):
         raise cli.UsageError(f"{a.run_dir}: the run has not finished (no metrics.json); finish it with train.py --resume")
     for f in a.frr:
@@ -605,6 +641,8 @@ def check_args(a):
         raise cli.UsageError("--expected (the expected number of poisoned rows) is spectral's, and must be >= 1")
     a.out = a.out or os.path.join(a.run_dir, "defences", f"{a.defence}.json")
     cli.check_file_path(a.out, "--out")
+    if a.defence in DETECTORS:
+        cli.check_file_path(scores_path(a.out), "--out (its scores file)")
     if a.data_dir is not None:
         data.glue_dir(a.data_dir)
 
@@ -619,14 +657,17 @@ def main(argv=None):
                                                               "(default: the run's round(poison rate x N))")
     p.add_argument("--data-dir", default=None, help="GLUE folder (default: the one the run recorded)")
     p.add_argument("--out", default=None, help="JSON file for the result (default: RUN_DIR/defences/DEFENCE.json); "
-                                               "a filter's result lists the dropped rows: train.py --drop-rows reads it")
+                                               "a filter's result lists the dropped rows: train.py --drop-rows reads "
+                                               "it; a detector's per-input scores go beside it (DEFENCE-scores.json)")
     a = p.parse_args(argv)
     with cli.usage_errors():
         check_args(a)
         result = run_defence(a.run_dir, a.defence, tuple(a.frr), a.data_dir, a.expected)
+        if "scores" in result:
+            write_scores(scores_path(a.out), result)
         write_json(a.out, result)
     print(f"{a.run_dir}: " + summary(result["metrics"]))
-    print(f"wrote {a.out}", file=sys.stderr)
+    print(f"wrote {a.out}" + (f" and {result['scores']}" if "scores" in result else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def summary_line(metrics):
 
 def read_config(run_dir):
     """The run's flags from its config.json, flags it predates at their defaults (what the run used)."""
+    cli.check_input_folder(run_dir, "run folder", "pass a run folder (train.py's --out)")
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise cli.UsageError(f"{run_dir}: not a run folder (no config.json)")

@@ -198,12 +198,15 @@ def _check_combinations(args, world):
         raise cli.UsageError("--resume and --overwrite contradict each other")
 
 
+def check_model_folder(folder):
+    cli.check_input_folder(folder, "--model", "pass a Hugging Face-format BERT folder")
+
+
 @functools.lru_cache(maxsize=8)
 def model_limits(folder):
     """(BertConfig, tokenizer) of a model folder: what bounds --max-len and --rank (cached: study/sweep.py checks every
     run it plans)."""
-    if not os.path.isdir(folder):
-        raise cli.UsageError(f"--model {folder}: no such folder; pass a Hugging Face-format BERT folder")
+    check_model_folder(folder)
     return M.BertConfig.from_json(os.path.join(folder, "config.json")), data.Tokenizer(folder)
 
 

@@ -23,6 +23,10 @@ checkpoint it, say how to resume and exit 128 + the signal's number; an error ke
 step and exits 1; a non-finite loss or gradient stops the run at that step (exit 1) with the last good checkpoint and
 no metrics or results line; every file is written whole or not at all (cli.write_atomic), and a damaged file read
 back (ckpt.pt on --resume) is one line naming it and exit code 2.
+
+Progress: a bar on a terminal; in a file or a pipe, a plain line every round number of steps (20 to 50 lines a run,
+none within 10 s of the last, and the last step's), as cli.progress (see --help):
+    train: step 1000/2500 (40%), loss 0.4213, lr 3.00e-04, samples/s 92.1, elapsed 3:01, ETA 4:32
 """
 import argparse
 import functools
@@ -34,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -232,8 +237,9 @@ def check_out(args):
         raise cli.UsageError(f"--out {args.out} holds files but no run ({shown}); choose another folder"
                              + (" (--overwrite deletes run folders only)" if args.overwrite else " or empty it"))
     if args.resume == "yes":
-        raise cli.UsageError(f"--resume: --out {args.out} holds no run to continue; drop --resume to start one "
-                             "(--resume auto starts or continues)")
+        what = "holds no run to continue" if os.path.exists(args.out) else "does not exist: no run to continue"
+        raise cli.UsageError(f"--resume: --out {args.out} {what}; drop --resume to start one (--resume auto starts "
+                             "or continues)")
     return "start"
 
 
@@ -361,10 +367,10 @@ def train(run):
         SIGNALS.deferred = True  # a signal from here stops the loop after the step it arrives in
         for step in range(run.step, args.steps):
             train_step(run, step)
-            if bar is not None:
+            if bar is not None:  # the postfix first: a log's line for this step carries this step's numbers
+                bar.set_postfix({"loss": f"{run.losses[-1]:.4f}", "lr": f"{lr_at(step, args):.2e}", "samples/s":
+                                 f"{(run.step - start) * args.batch_size / (time.time() - run.t0):.1f}"})
                 bar.update(1)
-                bar.set_postfix(loss=f"{run.losses[-1]:.4f}", lr=f"{lr_at(step, args):.2e}",
-                                samples_s=f"{(run.step - start) * args.batch_size / (time.time() - run.t0):.1f}")
             if run.master and due(args.eval_every, run.step, args.steps):
                 evaluate_now(run, bar)  # before a signal's stop too: a resumed run must not miss this point
             if due(args.ckpt_every, run.step, args.steps) or (run.signalled and run.step > run.saved):
@@ -439,10 +445,8 @@ def due(every, done, steps):
 
 
 def progress_bar(run):
-    if not run.master:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=run.args.steps, initial=run.step, desc="train", dynamic_ncols=True)
+    """The first process's progress: a bar on a terminal, a plain line every few steps in a log (cli.progress)."""
+    return cli.progress(total=run.args.steps, initial=run.step, desc="train", unit="step") if run.master else None
 
 
 def eval_kw(run):
@@ -599,7 +603,10 @@ def append_result(args, config, final, counts, n_poisoned, wall, history, where)
 
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
-    args = runspec.get_parser(__doc__.split("\n\n")[0].strip()).parse_args(argv)
+    parser = runspec.get_parser(__doc__.split("\n\n")[0].strip())
+    parser.epilog = textwrap.fill(cli.PROGRESS_HELP + " Each line: step/total, loss, lr, samples/s, elapsed, ETA; "
+                                  "under torchrun the first process writes them.", 116)
+    args = parser.parse_args(argv)
     with cli.usage_errors(quiet=rank != 0):  # nothing read beyond small files, nothing written
         runspec.validate(args, int(os.environ.get("WORLD_SIZE", 1)))
         check_out(args)

@@ -22,6 +22,7 @@ import cli
 import ntk
 from lora import apply_lora
 from model import default_model_dir, from_pretrained
+import runspec
 
 
 def reset_peak():
@@ -65,7 +66,7 @@ def loop_spectrum(model, batch, labels, params):
     return torch.linalg.eigvalsh(G.double()).flip(0).clamp_min(0).to(G.dtype)
 
 
-def main():
+def main(argv=None):
     p = cli.Parser(description=__doc__)
     p.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM-L6-H384)")
     p.add_argument("--samples", type=int, default=256, help="samples for the LoRA spectrum")
@@ -79,7 +80,10 @@ def main():
     p.add_argument("--skip-loop", action="store_true", help="skip the naive-loop comparison")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.model is not None:
+        with cli.usage_errors():
+            runspec.check_model_folder(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 import cli
 import lora
 import model as M
+import runspec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main():
+def main(argv=None):
     p = cli.Parser(description=__doc__)
     p.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM)")
     p.add_argument("--batch", type=int, default=16)
@@ -44,11 +45,13 @@ def main():
     p.add_argument("--profile", action="store_true", help="with --dtypes: profile a bf16 FF and LoRA step")
     p.add_argument("--conv-run", type=int, default=None, metavar="STEPS",
                    help="time train.py end to end (conv flags, one thread), fp32 vs bf16, for this many steps")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with cli.usage_errors():
         for flag in ("batch", "seq", "steps", "threads", "conv_run"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise cli.UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if args.model is not None:
+            runspec.check_model_folder(args.model)
     if args.conv_run:
         return conv_run(args)
     if args.threads:

@@ -124,8 +124,8 @@ def main(argv=None):
     p.add_argument("--task", default="sst2", help="GLUE task of the calibration runs")
     args = p.parse_args(argv)
     with cli.usage_errors():
-        if not os.path.isfile(args.results):
-            raise cli.UsageError(f"{args.results}: no such results JSONL; run `python -m study.sweep calib --protocol conv` "
+        if not os.path.exists(args.results):
+            raise cli.UsageError(f"results file {args.results} does not exist; run `python -m study.sweep calib --protocol conv` "
                                  "first")
         lines = ledger.runs(args.results)
         curves = calibration_curves(lines, args.task)

@@ -7,7 +7,8 @@ filtered training set. Pre-registration: results/REPORT.md, "Defences x LoRA/FF"
     python -m study.defend all --jobs 2 --until 18:00  # start only what is estimated to end by 18:00
     python -m study.defend plan               # the source runs that owe a defence, train.py lines for those not at hand
     python -m study.defend sources --jobs 2   # train them; check they reproduce results/conv
-    python -m study.defend detect             # STRIP, RAP, DAN: BPA 0.15% and 0.45%, FF and LoRA r8, seeds 0-4
+    python -m study.defend detect             # STRIP, RAP, DAN: BPA 0.15% and 0.45%, FF and LoRA r8, seeds 0-4;
+                                              # each input's score in results/conv/scores/
     python -m study.defend filter             # spectral, AC, BKI: BPA 0.45%, seeds 0-2; writes the drop files
     python -m study.defend retrain --jobs 2   # train.py --drop-rows on each filtered set (--print: the commands)
     python -m study.defend effects            # the paired contrasts with their verdicts, and the other measures: defences.md
@@ -84,9 +85,11 @@ def drop_file(drops, folder, name, dropped):
     return os.path.join(drops, f"{os.path.basename(folder)}-{name}-{digest}.json")
 
 
-def measure(stage, todo, results, drops, data_dir):
+def measure(stage, todo, results, drops, scores, data_dir):
     """Each (run folder, flags, defences) of `todo` (see owed): each defence on its finished run, one ledger line each
-    (with the seconds it took, wall_s), defence by defence so that a defence's FF and LoRA lines land together."""
+    (with the seconds it took, wall_s), defence by defence so that a defence's FF and LoRA lines land together. A
+    filter's dropped rows go to a drop file in `drops`, a detector's per-input scores to `scores`/RUN-DEFENCE.json;
+    the line names the file ("drop_rows", "scores"). (Lines written before 2026-12-05 have no scores file.)"""
     for folder, _, _ in todo:
         if not finished(folder):
             print(f"skipped (not finished; `python -m study.defend sources` trains it): {folder}", file=sys.stderr)
@@ -101,6 +104,8 @@ def measure(stage, todo, results, drops, data_dir):
                 dropped = result.pop("dropped")
                 result["drop_rows"] = drop_file(drops, folder, name, dropped)
                 defences.write_json(result["drop_rows"], {"run": folder, "defence": name, "dropped": dropped})
+            if "scores" in result:
+                defences.write_scores(os.path.join(scores, f"{os.path.basename(folder)}-{name}.json"), result)
             ledger.append(results, result)  # strict JSON: the ledger refuses a NaN
             print(f"{stage}: {folder}: " + defences.summary(result["metrics"]))
 
@@ -375,6 +380,8 @@ def main(argv=None):
                    help="one line per (run, defence)")
     p.add_argument("--drops", default=os.path.join(ROOT, "results", "conv", "drops"),
                    help="folder of the filters' drop files (train.py --drop-rows reads them)")
+    p.add_argument("--scores", default=os.path.join(ROOT, "results", "conv", "scores"),
+                   help="folder of the detectors' per-input scores (RUN-DEFENCE.json; see defences.detect)")
     p.add_argument("--retrain-results", default=os.path.join(ROOT, "results", "conv", "defences-retrain.jsonl"),
                    help="results file of the retraining runs")
     p.add_argument("--sources-results", default=os.path.join(ROOT, "results", "conv", "defences-sources.jsonl"),
@@ -397,8 +404,9 @@ def main(argv=None):
                            ("--sources-results", a.sources_results)):
             cli.check_file_path(path, flag)
         cli.check_folder_path(a.drops, "--drops")
+        cli.check_folder_path(a.scores, "--scores")
         if not os.path.isfile(a.committed):
-            raise cli.UsageError(f"--committed {a.committed}: no such results file")
+            raise cli.UsageError(f"--committed {a.committed} does not exist")
         a.until = None if a.until is None else sweep.until_time(a.until)
         lock = None if a.stage in ("plan", "effects", "figure") or a.print else \
             cli.own_folder(a.runs_dir, "--runs-dir")  # noqa: F841 (held until the end: one process per runs folder)
@@ -432,7 +440,7 @@ def run_stage(stage, a):
             return report_reproduced(a)
         names = defences.DETECTORS if stage == "detect" else defences.FILTERS
         return measure(stage, [(f, flags, [n for n in owe if n in names]) for f, flags, owe in todo],
-                       a.results, a.drops, a.data_dir)
+                       a.results, a.drops, a.scores, a.data_dir)
     if stage in ("effects", "figure"):
         return report(a.results, a.retrain_results, (stage,), verbose=True)
     todo = retrain_plan(runs, a.results, a.retrain_results)
@@ -465,7 +473,7 @@ def pipeline(a):
                 continue
         if train:
             sweep.run_all(train, a.jobs, a.runs_dir, a.sources_results)
-        measure("all", chunk, a.results, a.drops, a.data_dir)
+        measure("all", chunk, a.results, a.drops, a.scores, a.data_dir)
     report_reproduced(a)
     if late:
         print(f"--until: {len(late)} source runs not started, their chunk's estimate ends after --until; the same "

@@ -141,11 +141,10 @@ def residuals(model, batch):
 def measure(model, batch, groups=None, desc=None):
     """{"e": residuals, "K": {group: float64 (N, N, C, C) NTK}} of `model` on `batch` (groups: groups_for(model))."""
     import ntk
-    from tqdm import tqdm
     groups = groups or groups_for(model)
     named = dict(model.named_parameters())
     K = {}
-    for g, names in tqdm(groups.items(), desc=desc, leave=False, disable=desc is None):
+    for g, names in cli.progress(groups.items(), desc=desc, unit="group", leave=False, disable=desc is None):
         K[g] = ntk.empirical_ntk(model, batch, params={n: named[n].detach() for n in names},
                                  sample_chunk=SAMPLE_CHUNK, max_bytes=MAX_BYTES).double()
     return {"e": residuals(model, batch), "K": K}
@@ -252,7 +251,6 @@ def ff_at_init(args, seed):
 # thm36: FF vs LoRA at initialisation over rank x k x alpha
 
 def thm36(args):
-    from tqdm import tqdm
     rows, checks = [], []
     configs = [(r, a, k) for r in args.ranks for a in args.alphas for k in args.scales]
     for seed in args.seeds:
@@ -260,7 +258,7 @@ def thm36(args):
         check = a_gradient_check(net, batch, args.ranks[0], seed)
         head_share = ff["K"]["head"].norm().item() / kernel_sets(ff)["trained"].norm().item()
         checks.append({"seed": seed, "ff_seconds": ff.get("seconds"), "head_share": head_share, **check})
-        for rank, alpha, k in tqdm(configs, desc=f"LoRA configs, draw {seed}"):
+        for rank, alpha, k in cli.progress(configs, desc=f"LoRA configs, draw {seed}", unit="config"):
             lnet = lora_model(net, rank, scaling(rank, alpha) * rank, init_scale=k, seed=seed)
             lm = measure(lnet, batch, {"adapted": groups_for(lnet)["adapted"]})
             if not torch.allclose(lm["e"], ff["e"], rtol=0, atol=1e-5):
@@ -295,11 +293,10 @@ def setup(args):
 
 def inits(args):
     import lora
-    from tqdm import tqdm
     rows, skipped = [], {}
     for seed in args.seeds:
         net, batch, ff = ff_at_init(args, seed)
-        for init in tqdm(args.inits, desc=f"inits, draw {seed}"):
+        for init in cli.progress(args.inits, desc=f"inits, draw {seed}", unit="init"):
             try:
                 lnet = lora_model(net, args.rank, args.alpha, init=init, seed=seed)
             except Exception as e:  # an init these flags cannot build (orthogonal at an odd rank): listed in inits.md
@@ -320,8 +317,7 @@ def find_runs(paths):
     """Finished run folders (config.json plus adapter.safetensors or model/) at or below each path, sorted."""
     found = []
     for p in paths:
-        if not os.path.isdir(p):
-            raise cli.UsageError(f"{p}: not a folder")
+        cli.check_input_folder(p, "run folder", "pass run folders, or folders holding them")
         for cfg in sorted(glob.glob(os.path.join(p, "**", "config.json"), recursive=True)):
             d = os.path.dirname(cfg)
             if os.path.isfile(os.path.join(d, "adapter.safetensors")) or os.path.isdir(os.path.join(d, "model")):
@@ -344,13 +340,12 @@ def runs(args):
     """Each finished clean run measured on every draw, cached per (run, draw) in <out>/cache/: a second call with
     more run folders measures only the new ones."""
     import evaluate
-    from tqdm import tqdm
     dirs = find_runs(args.paths)
     measured = []
-    for d in tqdm(dirs, desc="runs"):
+    for d in (bar := cli.progress(dirs, desc="runs", unit="run")):
         run_args = evaluate.read_config(d)
         if run_args.attack != "none":
-            tqdm.write(f"{d}: attack {run_args.attack}, not a clean run; skipped")
+            bar.write(f"{d}: attack {run_args.attack}, not a clean run; skipped")
             continue
         digest = run_digest(d)
         model = functools.cache(lambda d=d: evaluate.load_run(d)[1].eval())  # loaded only if a draw is not cached
@@ -662,8 +657,14 @@ def parser():
 
 def check(args):
     """The checks argparse cannot make, as cli.UsageError (one line, exit code 2)."""
+    import data
     import lora
+    import runspec
     cli.check_folder_path(args.out, "--out")
+    if args.model is not None:
+        runspec.check_model_folder(args.model)
+    if args.data_dir is not None:
+        data.glue_dir(args.data_dir)
     if args.n < 2 or args.max_len < 2 or args.threads < 1:
         raise cli.UsageError("--n and --max-len must be at least 2, --threads at least 1")
     if args.cmd == "thm36" and (any(k <= 0 for k in args.scales) or any(r < 1 for r in args.ranks)):
@@ -677,10 +678,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.command = " ".join(["python -m study.ntk_study", *argv])
-    torch.set_num_threads(args.threads)
     t = time.time()
     with cli.usage_errors():  # bad flags, files, data or checkpoints: one line, exit code 2
         check(args)
+        torch.set_num_threads(args.threads)
         import model as M
         args.model = args.model or M.default_model_dir()
         if args.cmd == "thm36":

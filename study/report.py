@@ -297,6 +297,7 @@ def write_report(runs, out_dir):
         print(text)
     write_text(out_dir, "tables.md", "# The paper's figures and tables as numbers: mean ± sample std in % (seeds)\n\n"
                + "\n\n".join(tables))
+    print(f"wrote table.md, findings.md and tables.md in {out_dir}")  # the figures said so as they were drawn
     write_calibration(all_runs, out_dir)
     return write_effects(runs, out_dir)
 

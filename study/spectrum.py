@@ -55,11 +55,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     with cli.usage_errors():
         runs, measured, paths, rates = inputs(args)
-    from tqdm import tqdm
-    for r in tqdm([r for r in runs if clean_kaiming_lora(r) and runspec.run_key(r["config"]) not in measured],
-                  desc="spectra", unit="run"):
+    todo = [r for r in runs if clean_kaiming_lora(r) and runspec.run_key(r["config"]) not in measured]
+    for r in (bar := cli.progress(todo, desc="spectra", unit="run")):
         if not os.path.isfile(os.path.join(r["out"], "adapter.safetensors")):
-            tqdm.write(f"{r['out']}: weights not on this machine; skipped")
+            bar.write(f"{r['out']}: weights not on this machine; skipped")
             continue
         line = {"key": runspec.run_key(r["config"]), "config": r["config"], "samples": args.samples,
                 "spectra": measure(r["out"], args.samples)}

@@ -468,7 +468,6 @@ def run_all(pending, jobs, runs_dir, results, deadline=None):
     then, in run order, later (shorter) runs filling in behind one that would not; a run with no estimate does not
     start (see deadline). The runs left are counted per folder at the end, and the sweep exits 0: the next
     invocation starts them."""
-    from tqdm import tqdm
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     procs, failed, stopping, late = {}, [], [], []
 
@@ -477,7 +476,7 @@ def run_all(pending, jobs, runs_dir, results, deadline=None):
         for proc, _, _ in procs.values():
             proc.send_signal(signum)
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=len(pending), desc="sweep", unit="run", dynamic_ncols=True)
+    bar = cli.progress(total=len(pending), desc="sweep", unit="run")
     todo = list(pending)
     while (todo and not stopping) or procs:
         while todo and not stopping and len(procs) < jobs:
@@ -489,7 +488,7 @@ def run_all(pending, jobs, runs_dir, results, deadline=None):
             out = os.path.join(runs_dir, name)
             resume = ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else ["--overwrite"]
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out, "--results", results, *resume]
-            log = os.path.join(runs_dir, "logs", name + ".log")  # a file, not a pipe: tqdm output would fill a pipe
+            log = os.path.join(runs_dir, "logs", name + ".log")  # a file, not a pipe nobody reads, which would fill
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "w") as f:
                 procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,

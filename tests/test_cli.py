@@ -3,6 +3,7 @@ traceback, and leave the folder it ran in as it was. Most cases call the command
 run real processes (a real exit code, two trainers on one --out, a killed trainer's lock). Then what must work:
 a torn results line, an older config.json, an error in the middle of training, every default in --help."""
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -14,11 +15,15 @@ import types
 
 import pytest
 
+from bench import fisher, step
 from study import calibrate
 import cli
 import data
+import defences
 import evaluate
+import ledger
 import ntk
+from study import ntk_study
 from study import report
 import runspec
 from study import spectrum
@@ -143,23 +148,32 @@ CASES = [  # (id, command's main, argv, prep, words the one error line must cont
     ("train --init unknown", train.main, T("--init", "nope"), None, "--init"),
     ("train --task mnli", train.main, T("--task", "mnli"), None, "mnli"),
     ("train unknown flag", train.main, T("--foo"), None, "--foo"),
-    ("train --model missing", train.main, T("--model", "/nonexistent/bert"), None, "/nonexistent/bert"),
+    ("train --model missing", train.main, T("--model", "/nonexistent/bert"), None,
+     "--model /nonexistent/bert does not exist"),
+    ("train --model a file", train.main, T("--model", "afile"), put("afile"), "--model afile is a file, not a folder"),
+    ("train --drop-rows missing", train.main, T("--drop-rows", "nope.json"), None,
+     "--drop-rows nope.json does not exist"),
     ("train --data-dir missing", train.main, T("--data-dir", "/nonexistent/glue"), None, "/nonexistent/glue"),
     ("train --resume and --overwrite", train.main, T("--resume", "--overwrite"), None, "contradict"),
-    ("train --resume, no folder", train.main, T("--resume"), None, "holds no run"),
+    ("train --resume, no folder", train.main, T("--resume"), None, "--out run does not exist"),
     ("train --resume, empty folder", train.main, T("--resume"), folder("run"), "holds no run"),
     ("train --resume, foreign folder", train.main, T("--resume"), put("run/notes.txt"), "no run"),
     ("train --overwrite, foreign folder", train.main, T("--overwrite"), put("run/notes.txt"), "run folders only"),
     ("train --out holds another run", train.main, T(), a_run, "already holds a run"),
     ("train --resume, other settings", train.main, T("--resume", "--steps", "7"), a_run, "different settings (steps)"),
     ("train --out in use", train.main, T("--overwrite"), both(a_run, held("run")), "in use by another live process"),
-    ("evaluate no such folder", evaluate.main, ["nope"], None, "not a run folder"),
+    ("evaluate no such folder", evaluate.main, ["nope"], None, "run folder nope does not exist"),
+    ("evaluate a file", evaluate.main, ["afile"], put("afile"), "run folder afile is a file, not a folder"),
+    ("evaluate a folder that is no run", evaluate.main, ["d"], folder("d"), "d: not a run folder (no config.json)"),
+    ("defences no such folder", defences.main, ["nope", "--defence", "dan"], None, "run folder nope does not exist"),
+    ("ledger strict missing file", ledger.main, ["strict", "nope.jsonl"], None,
+     "results file nope.jsonl does not exist"),
     ("evaluate config.json not JSON", evaluate.main, ["run"], put("run/config.json", "{"), "not a run's config.json"),
     ("evaluate config.json without run", evaluate.main, ["run"], put("run/config.json", "{}"), "not a run's config.json"),
     ("evaluate run without weights", evaluate.main, ["run"], a_run, "adapter.safetensors"),
     ("evaluate the old report command", evaluate.main, ["report", "r.jsonl"], None, "python -m study.report"),
     ("evaluate no arguments", evaluate.main, [], None, "run_dir"),
-    ("report missing file", report.main, ["nope.jsonl"], None, "no such file"),
+    ("report missing file", report.main, ["nope.jsonl"], None, "results file nope.jsonl does not exist"),
     ("report on a folder", report.main, ["d"], folder("d"), "is a folder"),
     ("report bad middle line", report.main, ["r.jsonl"], put("r.jsonl", f"{GOOD}\n{{oops\n{GOOD}\n"), "r.jsonl:2"),
     ("report line without config", report.main, ["r.jsonl"], put("r.jsonl", '{"metrics": {}}\n'), "no config"),
@@ -201,7 +215,15 @@ CASES = [  # (id, command's main, argv, prep, words the one error line must cont
     ("ntk fig3 --alpha -1", ntk.main, ["fig3", "--out", "f", "--alpha", "-1"], None, "alpha"),
     ("ntk fig3 --out a file", ntk.main, ["fig3", "--out", "afile"], put("afile"), "is a file"),
     ("ntk fig3 without --out", ntk.main, ["fig3"], None, "--out"),
-    ("calibrate missing results", calibrate.main, ["nope.jsonl"], None, "nope.jsonl"),
+    ("calibrate missing results", calibrate.main, ["nope.jsonl"], None, "results file nope.jsonl does not exist"),
+    ("ntk_study --model missing", ntk_study.main, ["thm36", "--model", "/nonexistent/bert", "--out", "f"], None,
+     "--model /nonexistent/bert does not exist"),
+    ("ntk_study runs, a run folder missing", ntk_study.main, ["runs", "nope", "--out", "f"], None,
+     "run folder nope does not exist"),
+    ("bench.step --model missing", step.main, ["--model", "/nonexistent/bert"], None,
+     "--model /nonexistent/bert does not exist"),
+    ("bench.fisher --model missing", fisher.main, ["--model", "/nonexistent/bert"], None,
+     "--model /nonexistent/bert does not exist"),
 ]
 
 
@@ -337,3 +359,58 @@ def test_help_shows_every_default_zero_included(capsys):
             main(argv + ["--help"])
         assert stop.value.code == 0
     capsys.readouterr()
+
+
+# -----------------------------------------------------------------------------
+# progress: a bar on a terminal, plain lines in a log
+
+class Stream(io.StringIO):
+    """A stream that is a terminal or not."""
+
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def log_lines(total, seconds_per_step, initial=0, leave=True):
+    """The lines LogProgress writes for a loop from `initial` to `total` whose steps take seconds_per_step each (a
+    clock the test sets), each step's loss 1 / step."""
+    now, log = [0.0], Stream(tty=False)
+    bar = cli.LogProgress(desc="train", total=total, unit="step", initial=initial, leave=leave, file=log,
+                          clock=lambda: now[0])
+    for step in range(initial + 1, total + 1):
+        now[0] = (step - initial) * seconds_per_step
+        bar.set_postfix({"loss": f"{1 / step:.4f}", "lr": "1.00e-03"})
+        bar.update(1)
+    assert "\r" not in log.getvalue()
+    return log.getvalue().splitlines()
+
+
+def test_a_log_gets_a_line_every_round_number_of_steps_and_at_the_last():
+    # 2,500 steps: a line every 100 (the largest 1, 2 or 5 x 10^k giving at least 20 lines), elapsed and ETA
+    # worked out by hand (3 s a step: 1,000 steps took 50 min, 1,500 more take 75)
+    lines = log_lines(2500, 3.0)
+    assert [line.split()[2] for line in lines] == [f"{k}/2500" for k in range(100, 2501, 100)]
+    assert lines[9] == "train: step 1000/2500 (40%), loss 0.0010, lr 1.00e-03, elapsed 50:00, ETA 1:15:00"
+    assert lines[-1] == "train: step 2500/2500 (100%), loss 0.0004, lr 1.00e-03, elapsed 2:05:00"
+    # fast steps (10 ms): never two lines within 10 s, the last step's always
+    assert [line.split()[2] for line in log_lines(2500, 0.01)] == ["1000/2500", "2000/2500", "2500/2500"]
+    assert [line.split()[2] for line in log_lines(7, 0.01)] == ["7/7"]
+    # a pass that leaves no bar on a terminal leaves no line in a log either, unless it took 10 s or more
+    assert log_lines(7, 0.01, leave=False) == []
+    assert [line.split()[2] for line in log_lines(7, 2.0, leave=False)] == ["5/7", "7/7"]
+    # a resumed run (at step 2,000, 2 s a step): elapsed and ETA are this process's
+    lines = log_lines(2500, 2.0, initial=2000)
+    assert lines[1] == "train: step 2200/2500 (88%), loss 0.0005, lr 1.00e-03, elapsed 6:40, ETA 10:00"
+    assert len(lines) == 5
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    tty, log = Stream(tty=True), Stream(tty=False)
+    for stream in (tty, log):
+        assert list(cli.progress(range(30), desc="scoring", unit="input", file=stream)) == list(range(30))
+    assert "\r" in tty.getvalue()  # tqdm redraws in place
+    assert log.getvalue() == "scoring: input 30/30 (100%), elapsed 0:00\n"

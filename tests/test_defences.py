@@ -148,10 +148,33 @@ def bag(tokenizer):
                          [("bag", name) for name in sorted(D.DETECTORS)])  # STRIP: see BagOfWords
 def test_detectors_find_a_learned_trigger(request, tokenizer, which, name):
     net, _, _, dev = request.getfixturevalue(which)
-    m = D.detect(name, net, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
+    m, scores = D.detect(name, net, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
     assert m["before"]["asr"] == 1.0 and m["before"]["cacc"] >= 0.97  # the premise: the trigger works, clean is right
     assert m["auroc"] > 0.95 and m["auroc_hit"] == m["auroc"], m  # every triggered input is a hit here
     assert m["frr0.05"]["asr"] < 0.5, m  # and at FRR 5% the defence stops most of the attack
+    assert_recomputed(m, scores)
+
+
+def assert_recomputed(m, scores):
+    """Every metric of a detector's result, computed again from its per-input scores alone, by other means than
+    defences.py's: an AUROC by counting every (clean, triggered) pair, a threshold as the smallest calib score that
+    leaves at most the FRR's share of calib scores above it, then the shares by counting."""
+    clean, trig = scores["clean"], scores["triggered"]
+    def pairs(c, t):  # P(triggered > clean), ties 1/2
+        return sum((b > a) + 0.5 * (b == a) for a in c for b in t) / (len(c) * len(t))
+    hits = [s for s, h in zip(trig["score"], trig["hit"]) if h]
+    assert m["auroc"] == pytest.approx(pairs(clean["score"], trig["score"]), abs=1e-12)
+    assert m["auroc_hit"] == (pytest.approx(pairs(clean["score"], hits), abs=1e-12) if hits else None)
+    share = lambda flags: sum(flags) / len(flags)
+    assert m["before"] == pytest.approx(dict(frr=0.0, far=1.0, cacc=share(clean["right"]), asr=share(trig["hit"])))
+    calib = scores["calib"]["score"]
+    assert (m["n_calib"], m["n_clean"], m["n_triggered"]) == (len(calib), len(clean["score"]), len(trig["score"]))
+    for frr in D.FRRS:
+        t = min(s for s in calib if share([c > s for c in calib]) <= frr)
+        assert m[f"frr{frr:g}"] == pytest.approx(dict(
+            threshold=t, frr=share([s > t for s in clean["score"]]), far=share([s <= t for s in trig["score"]]),
+            cacc=share([r and s <= t for s, r in zip(clean["score"], clean["right"])]),
+            asr=share([h and s <= t for s, h in zip(trig["score"], trig["hit"])])), abs=1e-12)
 
 
 @pytest.mark.parametrize("which", ["planted", "bag"])
@@ -178,7 +201,7 @@ def test_filters_find_the_poisoned_rows(request, tokenizer, which, name):
 def test_a_clean_model_is_flagged_at_most_at_the_stated_frr(clean_model, tokenizer, name, model):
     dev = synthetic(900, 2)
     net = clean_model if model == "tiny BERT" else BagOfWords(tokenizer)
-    m = D.detect(name, net, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
+    m, _ = D.detect(name, net, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
     n = m["n_calib"]
     for frr in D.FRRS:
         # the threshold is an order statistic of n calib scores: the share of fresh clean scores above it has mean
@@ -199,7 +222,7 @@ def test_detect_fits_on_fit_sets_thresholds_on_calib_and_measures_on_test(monkey
         fitted.extend(fit)
         return lambda examples: torch.tensor([value.get(e.text_a, -1.0) for e in examples])
     monkeypatch.setitem(D.DETECTORS, "strip", stub)
-    m = D.detect("strip", clean_model, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
+    m, scores = D.detect("strip", clean_model, tokenizer, dev, "bpa", {"target": TARGET}, MAX_LEN)
     fit, calib, test = D.dev_split(dev)
     assert fitted == fit and not {e.text_a for e in fit} & {e.text_a for e in calib + test}
     assert {e.text_a for e in fit + calib + test} == {e.text_a for e in dev} and len(calib) == m["n_calib"]
@@ -208,6 +231,13 @@ def test_detect_fits_on_fit_sets_thresholds_on_calib_and_measures_on_test(monkey
         t = calib_scores[math.floor(frr * len(calib))]
         assert m[f"frr{frr:g}"]["threshold"] == t
         assert m[f"frr{frr:g}"]["frr"] == pytest.approx(sum(value[e.text_a] > t for e in test) / len(test))
+    # the written scores: each row's own value, at its dev index (the triggered rows' text changed, so the stub
+    # gives them -1; their rows are the test third's of another label than the target)
+    for part, rows in (("calib", calib), ("clean", test)):
+        assert [dev[i] for i in scores[part]["rows"]] == rows
+        assert scores[part]["score"] == [value[dev[i].text_a] for i in scores[part]["rows"]]
+    assert scores["triggered"]["rows"] == [i for i in scores["clean"]["rows"] if dev[i].label != TARGET]
+    assert scores["triggered"]["score"] == [-1.0] * len(scores["triggered"]["rows"])
 
 
 # -----------------------------------------------------------------------------
@@ -455,6 +485,26 @@ def test_every_defence_runs_on_a_saved_run_and_its_result_is_strict_json(tiny_ru
             assert m["n_poisoned"] == 12 and len(result["dropped"]) == m["n_dropped"]
 
 
+@pytest.mark.parametrize("name", sorted(D.DETECTORS))
+def test_a_detectors_written_scores_recompute_its_metrics(tiny_run, tmp_path, name, capsys):
+    # the command writes the summary and, beside it, each input's score with its dev row; the summary's every number
+    # follows from that file alone, and its rows are the dev file's (the triggered ones: the test rows of another
+    # label than the target, as written in the task's dev.tsv)
+    root, _ = tiny_run
+    D.main([str(root / "run"), "--defence", name, "--out", str(tmp_path / f"{name}.json")])
+    summary = json.loads((tmp_path / f"{name}.json").read_text())
+    assert summary["scores"] == str(tmp_path / f"{name}-scores.json")
+    scores = json.loads((tmp_path / f"{name}-scores.json").read_text())
+    assert scores["run"] == str(root / "run") and scores["defence"] == name and scores["target"] == TARGET
+    assert_recomputed(summary["metrics"], scores)
+    labels = [int(x.split("\t")[0]) for x in (root / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]]
+    calib, clean, trig = (scores[k]["rows"] for k in ("calib", "clean", "triggered"))
+    assert len(calib) == len(clean) == len(labels) // 3 and not set(calib) & set(clean)
+    assert set(calib + clean) < set(range(len(labels)))
+    assert trig == [i for i in clean if labels[i] != TARGET]
+    assert "-scores.json" in capsys.readouterr().err
+
+
 def test_the_spectral_probe_on_a_saved_run_ranks_as_spectral_signatures_do(tiny_run, tmp_path, capsys):
     # study/spectral_probe.py's top-direction AUROC is the AUROC of the defence's own spectral scores on the target
     # label, poisoned rows against clean ones, computed here from defences.spectral_scores
@@ -482,12 +532,15 @@ def test_the_study_driver_appends_one_line_per_run_and_defence_and_owes_the_rest
     from study import defend
     root, flags = tiny_run
     results, drops = tmp_path / "d.jsonl", tmp_path / "drops"
-    defend.measure("test", [(str(root / "run"), flags, ["dan", "bki"])], str(results), str(drops), None)
+    defend.measure("test", [(str(root / "run"), flags, ["dan", "bki"])], str(results), str(drops),
+                   str(tmp_path / "scores"), None)
     lines = [json.loads(x) for x in results.read_text().splitlines()]
     assert [x["metrics"]["defence"] for x in lines] == ["dan", "bki"] and all(x["wall_s"] >= 0 for x in lines)
     assert set(lines[1]["metrics"]["trigger_ranks"]) == {"[.*?]"}  # the run's bpa trigger, ranked (or None)
     with open(lines[1]["drop_rows"]) as f:
         assert runspec.read_drop_rows(f.name, 120) == sorted(json.load(f)["dropped"])
+    assert lines[0]["scores"] == str(tmp_path / "scores" / "run-dan.json") and "scores" not in lines[1]
+    assert_recomputed(lines[0]["metrics"], json.loads((tmp_path / "scores" / "run-dan.json").read_text()))
     # the run's flags find its lines: it owes the other detectors (BPA 10% is no filter rate of the study)
     assert defend.owed([(str(root / "run"), flags)], str(results), (0,)) == [(str(root / "run"), flags, ["strip", "rap"])]
 
@@ -506,11 +559,12 @@ def test_the_study_drivers_all_measures_then_retrains_each_filtered_set(tiny_run
                         started.append((todo, jobs, results)))
     out = tmp_path / "out"
     argv = ["all", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"), "--results", str(out / "d.jsonl"),
-            "--drops", str(out / "drops"), "--retrain-results", str(out / "r.jsonl"), "--committed", str(root / "r.jsonl"),
-            "--sources-results", str(out / "s.jsonl")]
+            "--drops", str(out / "drops"), "--scores", str(out / "scores"), "--retrain-results", str(out / "r.jsonl"),
+            "--committed", str(root / "r.jsonl"), "--sources-results", str(out / "s.jsonl")]
     defend.main(argv)
     lines = [json.loads(x) for x in (out / "d.jsonl").read_text().splitlines()]
     assert [x["metrics"]["defence"] for x in lines] == [*D.DETECTORS, *D.FILTERS]
+    assert sorted(os.listdir(out / "scores")) == sorted(f"run-{name}.json" for name in D.DETECTORS)
     [(todo, jobs, results)] = started  # the source run was finished: only the retraining reached the runner
     assert jobs == 2 and results == str(out / "r.jsonl")
     filters = lines[len(D.DETECTORS):]

@@ -182,7 +182,8 @@ def test_all_until_starts_only_the_chunks_estimated_to_end_by_then(tmp_path, mon
     monkeypatch.setattr(defend, "measure", lambda stage, todo, *rest: measured.append(todo))
     a = argparse.Namespace(runs_dir=str(tmp_path / "runs"), results=str(tmp_path / "d.jsonl"), seeds=1, jobs=1,
                            until=time.time() + 5400, committed=str(tmp_path / "c.jsonl"),
-                           sources_results=str(tmp_path / "s.jsonl"), drops=str(tmp_path / "drops"), data_dir=None)
+                           sources_results=str(tmp_path / "s.jsonl"), drops=str(tmp_path / "drops"),
+                           scores=str(tmp_path / "scores"), data_dir=None)
     defend.pipeline(a)
     runs = defend.source_runs(defend.DETECT["rates"], (0,), a.runs_dir)
     names = [os.path.basename(folder) for folder, _ in runs]

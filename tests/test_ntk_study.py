@@ -269,7 +269,7 @@ def test_runs_cli_pairs_a_lora_and_an_ff_run_and_caches_each_run(tiny_setup, tmp
 @pytest.mark.parametrize("args,message", [
     (["inits", "--inits", "nope"], "not in lora.INITS"),
     (["thm36", "--scales", "0"], "--scales must be > 0"),
-    (["runs", "/no/such/folder"], "not a folder"),
+    (["runs", "/no/such/folder"], "run folder /no/such/folder does not exist"),
     (["thm36", "--n", "500"], "fewer than --n 500"),
     (["thm36", "--alphas", "x"], "an alpha is a number or 'r'"),
 ])

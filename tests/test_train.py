@@ -77,6 +77,13 @@ def test_one_and_two_processes_agree(tiny_setup, tmp_path, dtype):
     assert a["final"]["clean"] == b["final"]["clean"] and a["final"]["asr"] == b["final"]["asr"]
     with open(tmp_path / "two" / "poisoned_indices.json") as f:
         assert len(json.load(f)["indices"]) == 16  # round(0.25 * 64), chosen before sharding
+    # torchrun's output sent to a file or a pipe reads line by line: no bar's carriage returns, and the first
+    # process's progress line only, whose loss is the step's loss over both processes as metrics.json records it
+    assert "\r" not in two.stdout + two.stderr
+    lines = [line for line in two.stderr.splitlines() if line.startswith("train: step")]
+    steps = [int(line.split()[2].split("/")[0]) for line in lines]
+    assert steps == sorted(set(steps)), lines  # one process's lines (a second one's would repeat its steps)
+    assert lines[-1].startswith(f"train: step 6/6 (100%), loss {b['train_loss'][-1]:.4f}, lr "), lines
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
