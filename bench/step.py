@@ -3,6 +3,7 @@ Benchmarks of a training step (forward + backward + AdamW), each a side-by-side 
 run (ABAB...), reported as a ratio of medians so that machine noise hits both sides alike:
 
     python -m bench.step                      # ours vs Hugging Face transformers' BertForSequenceClassification (FF)
+    python -m bench.step --model ~/.cache/lorasec/all-mpnet-base-v2   # ... vs MPNetForSequenceClassification
     python -m bench.step --dtypes --threads 1 # fp32 vs bf16 autocast, FF and LoRA r8, with the GEMM peaks
     python -m bench.step --dtypes --profile   # ... and where a bf16 step's time goes (torch.profiler, top ops)
     python -m bench.step --conv-run 2500      # end to end: train.py's conv-protocol run, fp32 vs bf16, samples/s
@@ -35,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main(argv=None):
     p = cli.Parser(description=__doc__)
-    p.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM)")
+    p.add_argument("--model", default=None, help="HF BERT or MPNet folder (default: the embedded MiniLM)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed steps per side (after 3 warm-up steps)")
@@ -56,7 +57,9 @@ def main(argv=None):
         return conv_run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = args.model or M.default_model_dir()
+    with cli.usage_errors():
+        folder = args.model or M.default_model_dir()
+        runspec.model_limits(folder)  # a wrong --model is one line, before any timing
     batches = make_batches(folder, args)
     print(f"batch {args.batch}, max {args.seq} tokens, {torch.get_num_threads()} threads, {args.steps} steps each, "
           f"interleaved; CPU: {cpu_flags()}")
@@ -110,12 +113,13 @@ def show(times):
 
 
 def ours_vs_transformers(folder, batches, args):
-    fwd = torch.compile(M.Bert.forward) if args.compile else M.Bert.forward
-    steps = {"ours" + (" (compiled)" if args.compile else ""): make_step(ours(folder, "ff"), lambda m, b: fwd(m, **b))}
+    fwd = torch.compile(M.Encoder.forward) if args.compile else M.Encoder.forward
+    net = ours(folder, "ff")
+    steps = {"ours" + (" (compiled)" if args.compile else ""): make_step(net, lambda m, b: fwd(m, **b))}
     try:
         import transformers
-        theirs = transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=2).train()
-        steps["transformers"] = make_step(theirs, lambda m, b: m(**b).logits)
+        theirs = getattr(transformers, net.cfg.hf_class).from_pretrained(folder, num_labels=2).train()
+        steps["transformers"] = make_step(theirs, lambda m, b: m(**b).logits)  # (MPNet ignores token_type_ids)
     except ImportError:
         print("transformers not installed: timing ours only (pip install -r requirements-dev.txt for the ratio)")
     for kind, (batch, labels) in batches.items():
