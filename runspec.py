@@ -200,7 +200,7 @@ def _check_combinations(args, world):
 
 
 def check_model_folder(folder):
-    cli.check_input_folder(folder, "--model", "pass a Hugging Face-format BERT folder")
+    cli.check_input_folder(folder, "--model", "pass a Hugging Face-format BERT or MPNet folder")
 
 
 @functools.lru_cache(maxsize=8)
