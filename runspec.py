@@ -199,8 +199,8 @@ def _check_combinations(args, world):
         raise cli.UsageError("--resume and --overwrite contradict each other")
 
 
-def check_model_folder(folder):
-    cli.check_input_folder(folder, "--model", "pass a Hugging Face-format BERT or MPNet folder")
+def check_model_folder(folder, flag="--model"):
+    cli.check_input_folder(folder, flag, "pass a Hugging Face-format BERT or MPNet folder")
 
 
 @functools.lru_cache(maxsize=8)
