@@ -1,5 +1,5 @@
 """
-Text in, tensors out: the BERT tokenizer, GLUE reading, and batching.
+Text in, tensors out: the tokenizer (BERT's or MPNet's), GLUE reading, and batching.
 
     train = load_split("sst2", "train", cap=17500, seed=0)   # list[Example]
     batch = collate(train[:8], Tokenizer(model_dir), max_len=128)
@@ -33,25 +33,47 @@ import cli
 # -----------------------------------------------------------------------------
 # tokenizer
 
-class Tokenizer:
-    """BERT WordPiece via the `tokenizers` package: tokenizer.json when the folder has one, else vocab.txt.
+# What the two families' tokenizers differ in (Hugging Face's BertTokenizer and MPNetTokenizer): the special tokens,
+# and so how a pair is laid out. Both are WordPiece over the same lower-cased vocabulary; MPNet's vocabulary holds
+# BERT's special tokens too (as plain entries), so the family comes from config.json's model_type, never the vocabulary.
+SPECIAL_TOKENS = {
+    "bert": dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]"),
+    "mpnet": dict(cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="[UNK]", mask_token="<mask>"),
+}
 
-    Pairs are encoded as BERT was trained: [CLS] a [SEP] b [SEP] with token_type_ids 0 for a and 1 for b.
+
+class Tokenizer:
+    """WordPiece via the `tokenizers` package: tokenizer.json when the folder has one, else vocab.txt.
+
+    Pairs are encoded as the model was trained. BERT: [CLS] a [SEP] b [SEP], token_type_ids 0 for a and 1 for b.
+    MPNet (RoBERTa's format): <s> a </s></s> b </s>, token_type_ids all 0 (the model has no token types).
+    The family is config.json's model_type; a folder holding only a tokenizer is BERT's.
     """
 
     def __init__(self, folder):
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers.implementations import BertWordPieceTokenizer
+        from tokenizers.processors import RobertaProcessing
+        self.family = _model_type(folder)
+        special = SPECIAL_TOKENS[self.family]
         tok_json, vocab = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "vocab.txt")
         if os.path.isfile(tok_json):
             self.tok = HFTokenizer.from_file(tok_json)
         elif os.path.isfile(vocab):
-            self.tok = BertWordPieceTokenizer(vocab, lowercase=_do_lower_case(folder))._tokenizer
+            self.tok = BertWordPieceTokenizer(vocab, lowercase=_do_lower_case(folder), **special)._tokenizer
         else:
             raise FileNotFoundError(f"{folder}: has neither tokenizer.json nor vocab.txt; cannot build a tokenizer")
-        self.pad_id = self.tok.token_to_id("[PAD]")
-        if self.pad_id is None:
-            raise ValueError(f"{folder}: the vocabulary has no [PAD] token; not a BERT tokenizer")
+        needed = [special[k] for k in ("pad_token", "cls_token", "sep_token")]  # what batches and pairs are made of
+        missing = [t for t in needed if self.tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"{folder}: the vocabulary has no {', '.join(missing)}; not a {self.family} tokenizer "
+                             "(the family is config.json's model_type)")
+        self.pad_id = self.tok.token_to_id(special["pad_token"])
+        self.cls_id = self.tok.token_to_id(special["cls_token"])
+        if self.family == "mpnet":  # what transformers' MPNetTokenizer sets, whatever tokenizer.json says
+            sep = special["sep_token"]
+            self.tok.post_processor = RobertaProcessing((sep, self.tok.token_to_id(sep)),
+                                                        (special["cls_token"], self.cls_id))
         self.tok.no_padding()  # tokenizer.json may carry its own padding/truncation; we set ours per call
 
     @property
@@ -60,12 +82,13 @@ class Tokenizer:
 
     def min_len(self, pair=False):
         """The shortest max_len that keeps a token of every text: the special tokens ([CLS] a [SEP], and b [SEP] for
-        pairs) plus one per text. Below it the tokenizer silently stops truncating."""
+        pairs; MPNet: <s> a </s>, and </s> b </s>) plus one per text. Below it the tokenizer silently stops
+        truncating."""
         return self.tok.num_special_tokens_to_add(pair) + (2 if pair else 1)
 
     def __call__(self, texts_a, texts_b=None, max_len=128):
         """Encode a batch; returns input_ids, token_type_ids, attention_mask as (B, T) int64 tensors,
-        truncated to max_len (longest-first for pairs, as BERT's reference tokenizer) and padded to the longest.
+        truncated to max_len (longest-first for pairs, as the reference tokenizers) and padded to the longest.
         texts_b=None encodes single sentences; a None entry inside texts_b makes just that row a single sentence."""
         if texts_b is not None and len(texts_b) != len(texts_a):
             raise ValueError(f"{len(texts_a)} first texts but {len(texts_b)} second texts")
@@ -82,6 +105,17 @@ class Tokenizer:
             out["token_type_ids"][i, :n] = torch.tensor(e.type_ids)
             out["attention_mask"][i, :n] = 1
         return out
+
+
+def _model_type(folder):
+    """config.json's model_type: bert (also where the folder has no config.json) or mpnet."""
+    path = os.path.join(folder, "config.json")
+    family = cli.read_json(path, "a Hugging Face model's config.json").get("model_type", "bert") \
+        if os.path.isfile(path) else "bert"
+    if family not in SPECIAL_TOKENS:
+        raise ValueError(f"{path}: model_type is {family!r}; this project tokenizes for "
+                         f"{' and '.join(SPECIAL_TOKENS)} only")
+    return family
 
 
 def _do_lower_case(folder):
@@ -271,7 +305,8 @@ def subsample(examples, cap, seed=0):
 
 def collate(examples, tokenizer, max_len=128):
     """Tokenize a list of Examples into a batch dict: input_ids, token_type_ids, attention_mask, labels.
-    Pairs go through the pair API ([CLS] a [SEP] b [SEP]); an example with text_b == "" is a single sentence."""
+    Pairs go through the pair API ([CLS] a [SEP] b [SEP]; MPNet: <s> a </s></s> b </s>); an example with
+    text_b == "" is a single sentence."""
     if not examples:
         raise ValueError("collate: got an empty list of examples")
     texts_b = [e.text_b or None for e in examples]

@@ -1,6 +1,6 @@
 """
-Low-rank adaptation (Hu et al., 2021) for the nn.Linear layers of `model.Bert`, with the A-init variance as an
-explicit parameter (the paper's second key factor after the rank).
+Low-rank adaptation (Hu et al., 2021) for the nn.Linear layers of `model.Encoder` (BERT or MPNet), with the A-init
+variance as an explicit parameter (the paper's second key factor after the rank).
 
     W x + b  ->  W x + b + s * B A dropout(x),   A: (r, n_in) random,  B: (n_out, r) zeros,  s = alpha / r
 
@@ -19,7 +19,7 @@ All of them start at the base model's output (up to float rounding).
     counts = apply_lora(model, rank=8, alpha=16, targets="qv", generator=0)   # wraps in place, freezes the rest
     ...train...
     save_lora(model, "adapter.safetensors")          # LoRA A/B + the classifier head
-    export_peft(model, "peft_adapter/", base_model_path="path/to/bert")   # loadable with peft.PeftModel
+    export_peft(model, "peft_adapter/", base_model_path="path/to/model")  # loadable with peft.PeftModel
 
 Reads top to bottom: A-init, the init zoo, the layer, the presets and `apply_lora`, then save, load and peft export.
 """
@@ -277,7 +277,7 @@ class LoRALinear(nn.Module):
 # -----------------------------------------------------------------------------
 # adapting a model by module name
 
-TARGETS = {  # module-name suffixes in model.Bert (see model.py's docstring)
+TARGETS = {  # module-name suffixes in model.Encoder, the same in both families (model.py's docstring; MPNet: no pooler)
     "qv": ("attn.query", "attn.value"),
     "attn": ("attn.query", "attn.key", "attn.value", "attn.out"),
     "all": ("attn.query", "attn.key", "attn.value", "attn.out", "intermediate", "output", "pooler"),
@@ -394,12 +394,14 @@ def load_lora(model, path):
 
 def export_peft(model, folder, base_model_path=None):
     """Write `folder/adapter_config.json` + `folder/adapter_model.safetensors` in peft's LoRA format, so that
-    `PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base), folder)` reproduces our model.
+    `PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base), folder)` reproduces our model
+    (MPNet: MPNetForSequenceClassification; model.cfg.hf_class names it).
 
     r, lora_alpha, dropout, rsLoRA and the init are read from the model's LoRA layers (they must agree: one peft
     config). Tensor names follow peft: base_model.model.<HF module>.lora_{A,B}.weight (DoRA: also
     .lora_magnitude_vector); the trained head is a peft `modules_to_save` entry, stored (as peft stores it) under
-    base_model.model.classifier.{weight,bias}. Per init, relative to the ORIGINAL base model:
+    base_model.model.classifier.{weight,bias} (MPNet: classifier.{dense,out_proj}.*). Per init, relative to the
+    ORIGINAL base model:
       random A, orthogonal: plain LoRA (orthogonal never changed the base; init_lora_weights=True so that loading
         does not spend peft's global RNG on a draw the file overwrites);
       mica: plain LoRA with init_lora_weights="mica", so that peft keeps B frozen if training continues;
@@ -415,9 +417,9 @@ def export_peft(model, folder, base_model_path=None):
     if len(settings) > 1:
         raise ValueError(f"export_peft: LoRA layers differ in (rank, alpha, rslora, dropout, init): {sorted(settings)}")
     (rank, alpha, rslora, dropout, init), = settings
-    tensors = {}
+    tensors, family = {}, model.cfg.model_type
     for name, m in layers.items():
-        prefix = f"base_model.model.{hf_name(name)}"
+        prefix = f"base_model.model.{hf_name(name, family)}"
         A, B = m.lora_A.detach(), m.lora_B.detach()
         if init in RESIDUAL_INITS:
             A, B = torch.cat([A, m.lora_A0]), torch.cat([B, -m.lora_B0], dim=1)
@@ -431,7 +433,7 @@ def export_peft(model, folder, base_model_path=None):
         rank, alpha = 2 * rank, alpha * (math.sqrt(2) if rslora else 2)
     config = dict(peft_type="LORA", task_type="SEQ_CLS", base_model_name_or_path=base_model_path,
                   r=rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, bias="none",
-                  fan_in_fan_out=False, target_modules=[hf_name(n) for n in layers],
+                  fan_in_fan_out=False, target_modules=[hf_name(n, family) for n in layers],
                   modules_to_save=["classifier"], init_lora_weights="mica" if init == "mica" else True,
                   use_dora=init == "dora", inference_mode=True)
     os.makedirs(folder, exist_ok=True)

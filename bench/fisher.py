@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import cli
 import ntk
+from data import Tokenizer
 from lora import apply_lora
 from model import default_model_dir, from_pretrained
 import runspec
@@ -68,7 +69,7 @@ def loop_spectrum(model, batch, labels, params):
 
 def main(argv=None):
     p = cli.Parser(description=__doc__)
-    p.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM-L6-H384)")
+    p.add_argument("--model", default=None, help="HF BERT or MPNet folder (default: the embedded MiniLM-L6-H384)")
     p.add_argument("--samples", type=int, default=256, help="samples for the LoRA spectrum")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sample")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
@@ -93,7 +94,7 @@ def main(argv=None):
     cfg = model.cfg
     n = args.samples
     ids = torch.randint(1000, cfg.vocab_size, (n, args.seq_len))
-    ids[:, 0] = 101  # [CLS]
+    ids[:, 0] = Tokenizer(args.model or default_model_dir()).cls_id  # [CLS] (MPNet: <s>)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
     labels = torch.randint(0, cfg.num_labels, (n,))
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} (shared machine: times vary); "

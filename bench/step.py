@@ -3,9 +3,12 @@ Benchmarks of a training step (forward + backward + AdamW), each a side-by-side 
 run (ABAB...), reported as a ratio of medians so that machine noise hits both sides alike:
 
     python -m bench.step                      # ours vs Hugging Face transformers' BertForSequenceClassification (FF)
+    python -m bench.step --model ~/.cache/lorasec/all-mpnet-base-v2   # ... vs MPNetForSequenceClassification
     python -m bench.step --dtypes --threads 1 # fp32 vs bf16 autocast, FF and LoRA r8, with the GEMM peaks
     python -m bench.step --dtypes --profile   # ... and where a bf16 step's time goes (torch.profiler, top ops)
     python -m bench.step --conv-run 2500      # end to end: train.py's conv-protocol run, fp32 vs bf16, samples/s
+    python -m bench.step --versus ~/.cache/lorasec/all-mpnet-base-v2 --threads 1  # another model's FF and LoRA r8
+                                              # steps against --model's (the cost of a protocol on it)
 
 Two batches: `dense`, random tokens with no padding (the pure matmul case), and `sst2`, real SST-2 training
 sentences padded to the longest of them (truncated at --seq), as training actually sees them. Both sides use the
@@ -35,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main(argv=None):
     p = cli.Parser(description=__doc__)
-    p.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM)")
+    p.add_argument("--model", default=None, help="HF BERT or MPNet folder (default: the embedded MiniLM)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed steps per side (after 3 warm-up steps)")
@@ -43,6 +46,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also torch.compile our model (ours vs transformers)")
     p.add_argument("--dtypes", action="store_true", help="fp32 vs bf16 for FF and LoRA r8 instead")
     p.add_argument("--profile", action="store_true", help="with --dtypes: profile a bf16 FF and LoRA step")
+    p.add_argument("--versus", default=None, metavar="MODEL",
+                   help="another BERT or MPNet folder: its FF and LoRA r8 steps against --model's, each model on its "
+                        "own tokenization of the batches")
     p.add_argument("--conv-run", type=int, default=None, metavar="STEPS",
                    help="time train.py end to end (conv flags, one thread), fp32 vs bf16, for this many steps")
     args = p.parse_args(argv)
@@ -50,18 +56,25 @@ def main(argv=None):
         for flag in ("batch", "seq", "steps", "threads", "conv_run"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise cli.UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        if args.model is not None:
-            runspec.check_model_folder(args.model)
+        for flag, folder in (("--model", args.model), ("--versus", args.versus)):
+            if folder is not None:
+                runspec.check_model_folder(folder, flag)
     if args.conv_run:
         return conv_run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = args.model or M.default_model_dir()
+    with cli.usage_errors():
+        folder = args.model or M.default_model_dir()
+        runspec.model_limits(folder)  # a wrong --model is one line, before any timing
     batches = make_batches(folder, args)
     print(f"batch {args.batch}, max {args.seq} tokens, {torch.get_num_threads()} threads, {args.steps} steps each, "
           f"interleaved; CPU: {cpu_flags()}")
     if args.dtypes:
         dtypes(folder, batches, args)
+    elif args.versus:
+        with cli.usage_errors():
+            runspec.model_limits(args.versus)
+        versus(folder, batches, args.versus, make_batches(args.versus, args), args)
     else:
         ours_vs_transformers(folder, batches, args)
 
@@ -110,12 +123,13 @@ def show(times):
 
 
 def ours_vs_transformers(folder, batches, args):
-    fwd = torch.compile(M.Bert.forward) if args.compile else M.Bert.forward
-    steps = {"ours" + (" (compiled)" if args.compile else ""): make_step(ours(folder, "ff"), lambda m, b: fwd(m, **b))}
+    fwd = torch.compile(M.Encoder.forward) if args.compile else M.Encoder.forward
+    net = ours(folder, "ff")
+    steps = {"ours" + (" (compiled)" if args.compile else ""): make_step(net, lambda m, b: fwd(m, **b))}
     try:
         import transformers
-        theirs = transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=2).train()
-        steps["transformers"] = make_step(theirs, lambda m, b: m(**b).logits)
+        theirs = getattr(transformers, net.cfg.hf_class).from_pretrained(folder, num_labels=2).train()
+        steps["transformers"] = make_step(theirs, lambda m, b: m(**b).logits)  # (MPNet ignores token_type_ids)
     except ImportError:
         print("transformers not installed: timing ours only (pip install -r requirements-dev.txt for the ratio)")
     for kind, (batch, labels) in batches.items():
@@ -125,6 +139,27 @@ def ours_vs_transformers(folder, batches, args):
         if "transformers" in times:
             med = {name: statistics.median(t) for name, t in times.items()}
             print(f"  ratio ours/transformers: {med[next(iter(med))] / med['transformers']:.2f}x")
+
+
+# -----------------------------------------------------------------------------
+# one model against another: what a protocol costs on each
+
+def versus(folder, batches, other, other_batches, args):
+    """FF and LoRA r8 training steps of two models, interleaved, each on its own tokenization of the same texts (the
+    dense batch is the same token ids for both); the ratio of medians other / folder."""
+    names = {f: runspec.model_name(f) for f in (folder, other)}
+    for kind in [k for k in batches if k in other_batches]:
+        for mode in ("ff", "lora"):
+            steps = {}
+            for f, (batch, labels) in ((folder, batches[kind]), (other, other_batches[kind])):
+                step = make_step(ours(f, mode), lambda m, b: m(**b))
+                steps[f"{names[f]} {mode}"] = lambda _b, _l, step=step, batch=batch, labels=labels: step(batch, labels)
+            print(f"{kind}, {mode}: {names[folder]} {tuple(batches[kind][0]['input_ids'].shape)}, {names[other]} "
+                  f"{tuple(other_batches[kind][0]['input_ids'].shape)}")
+            times = time_interleaved(steps, None, None, args.steps)
+            show(times)
+            med = [statistics.median(t) for t in times.values()]
+            print(f"  {kind} {mode}: {names[other]} / {names[folder]} = {med[1] / med[0]:.2f}x")
 
 
 # -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import cli
 import ledger
 import runspec
 from study import ROOT
+from tools import get_mpnet
 
 
 # Protocols. `paper`: Sec. 4.1 of the paper (BERT-large, batch 8, 10,000 steps, 5 seeds, its learning rates).
@@ -105,6 +106,14 @@ PROTOCOLS = {
 # and BPA 0.15% cells of `conv` again with --dtype bf16, in a results file of their own
 PROTOCOLS["conv-bf16"] = dict(PROTOCOLS["conv"], common=PROTOCOLS["conv"]["common"] + ["--dtype", "bf16"],
                               stages=((("bf16",), 5),))
+# `conv-mpnet`: the second model (issue 50; results/REPORT.md, "A second model"), in a results file of its own: the
+# calibration by the `conv` rule as written, then F1/F2's cells on SST-2, the clean and BPA 0.15% cells of seeds 0-2
+# first (F2 at 0.15% is the question), then UPA 0.3 and BPA 0.45% of seeds 0-2, then seeds 3-4. Its rates and budget
+# are fixed by the rule from its own calibration runs (None until then: only `calib` is ready). --model defaults to
+# the folder `python -m tools.get_mpnet` leaves.
+PROTOCOLS["conv-mpnet"] = dict(PROTOCOLS["conv"], model=get_mpnet.installed_folder(), lr=None, steps=None,
+                               follow_ups=(), stages=((("calib",), 1), (("f12-low",), 3), (("f12",), 3),
+                                                      (("f12-low",), 5), (("f12",), 5)))
 SCALES = (0.0001, 0.001, 0.1, 0.333, 0.667, 1.0, 1.5, 2.0)  # A-init variance scales k (Sec. 4.4.2)
 
 
@@ -207,6 +216,8 @@ def conv_task_grid(figure, task, p):
     conds = [[], attack_flags("upa", p["upa_rate"])] + [bpa(r) for r in p["bpa_rates"]]
     if figure in ("f12", "cola", "pairs", "small"):
         return [m + c for c in conds for m in (lora, ff)]
+    if figure == "f12-low":  # F1/F2's clean and BPA 0.15% cells, run first: F2 at 0.15% with half the runs
+        return [m + c for c in (conds[0], conds[2]) for m in (lora, ff)]
     if figure == "3ep-follow":  # BPA 0.15%, seeds 3-4 (issue 51)
         return [m + conds[2] for m in (lora, ff)]
     if figure == "3ep-low":  # BPA 0.05%, the dose at a third of the paper's lowest rate (issue 51)
@@ -275,14 +286,15 @@ def run_name(figure, flags, seed):
     return os.path.join(FOLDERS.get(figure, figure), "-".join(parts))
 
 
-FOLDERS = {"pairs-f1": "pairs", "3ep-follow": "3ep", "3ep-low": "3ep"}  # a figure that is part of another keeps its runs in the other's folder
+FOLDERS = {"pairs-f1": "pairs", "3ep-follow": "3ep", "3ep-low": "3ep", "f12-low": "f12"}  # a figure that is part of another keeps its runs in the other's folder
 
 
 def main(argv=None):
     ap = cli.Parser(description=__doc__)
     ap.add_argument("figure", help=f"one of {', '.join(FIGURES)} (each protocol has its own), fig3, or all")
     ap.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS), help="which protocol's grids and settings")
-    ap.add_argument("--model", default=None, help="BERT folder (the paper protocol needs bert-large-uncased)")
+    ap.add_argument("--model", default=None, help="BERT or MPNet folder (default: the protocol's; the paper protocol "
+                                                  "needs bert-large-uncased, conv-mpnet takes python -m tools.get_mpnet's)")
     ap.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
     ap.add_argument("--seeds", type=int, default=None, help="use only the first N seeds of the protocol")
     ap.add_argument("--results", default=None, help="results JSONL (default: results/<protocol>/results.jsonl)")
@@ -309,7 +321,7 @@ def main(argv=None):
         planning = args.print or args.estimate
         lock = None if planning else cli.own_folder(runs_dir, "--runs-dir")  # noqa: F841 (held until the end)
         seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
-        extra = [f for flag, value in (("--model", args.model), ("--data-dir", args.data_dir)) if value
+        extra = [f for flag, value in (("--model", args.model or p["model"]), ("--data-dir", args.data_dir)) if value
                  for f in (flag, value)]
         finished = finished_runs(results)
         done, pending, seen = {runspec.run_key(r["config"]) for r in finished}, [], set()

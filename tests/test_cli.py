@@ -222,6 +222,8 @@ CASES = [  # (id, command's main, argv, prep, words the one error line must cont
      "run folder nope does not exist"),
     ("bench.step --model missing", step.main, ["--model", "/nonexistent/bert"], None,
      "--model /nonexistent/bert does not exist"),
+    ("bench.step --versus missing", step.main, ["--versus", "/nonexistent/mpnet"], None,
+     "--versus /nonexistent/mpnet does not exist"),
     ("bench.fisher --model missing", fisher.main, ["--model", "/nonexistent/bert"], None,
      "--model /nonexistent/bert does not exist"),
 ]

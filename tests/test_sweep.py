@@ -285,3 +285,32 @@ def test_a_sweep_until_a_time_starts_only_the_runs_estimated_to_end_by_then(tmp_
     assert started == ["a", "c", "e"]  # b would end after the hour; c and e fill in behind it
     err = capsys.readouterr().err
     assert "--until: 2 runs not started" in err and err.rstrip().endswith("Per folder: x 1, y 1")
+
+
+def test_conv_mpnet_answers_f2_at_the_lower_rate_first(stub_glue, tmp_path, capsys, monkeypatch):
+    """The second model (issue 50): calibration by the `conv` rule's grid of rates, then the clean and BPA 0.15% cells of
+    seeds 0-2, then UPA 0.3 and BPA 0.45% of seeds 0-2, then seeds 3-4; every run on the protocol's model folder
+    unless --model says otherwise, in its own results file."""
+    folder = tmp_path / "all-mpnet-base-v2"
+    folder.mkdir()
+    monkeypatch.setitem(sweep.PROTOCOLS["conv-mpnet"], "model", str(folder))
+    monkeypatch.setattr(sweep.runspec, "validate", lambda args, world: None)  # no real model folder to check against
+    argv = ["all", "--protocol", "conv-mpnet", "--print", "--runs-dir", str(tmp_path / "runs")]
+    sweep.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and all("/calib/" in ln and f"--model {folder} " in ln for ln in lines)
+    assert "results/conv-mpnet/results.jsonl" in lines[0]
+    monkeypatch.setitem(sweep.PROTOCOLS["conv-mpnet"], "lr", {"lora": "5e-4", "ff": "1e-5"})
+    monkeypatch.setitem(sweep.PROTOCOLS["conv-mpnet"], "steps", {"sst2": 2000})
+    sweep.main(argv)
+    grid = [ln for ln in capsys.readouterr().out.splitlines() if "/calib/" not in ln]
+    seed = lambda ln: int(ln.split("--seed ")[1].split()[0])
+    cond = lambda ln: "clean" if "--attack" not in ln else " ".join(ln.split("--attack ")[1].split()[:3])
+    assert len(grid) == 40 and all("--steps 2000 " in ln and f"--model {folder} " in ln for ln in grid)
+    first, second, late = grid[:12], grid[12:24], grid[24:]
+    assert {seed(ln) for ln in first + second} == {0, 1, 2} and {seed(ln) for ln in late} == {3, 4}
+    assert {cond(ln) for ln in first} == {"clean", "bpa --poison-rate 0.0015"}
+    assert {cond(ln) for ln in second} == {"upa --poison-rate 0.3", "bpa --poison-rate 0.0045"}
+    assert all("--lr 1e-5" in ln for ln in grid if "--mode ff" in ln)
+    sweep.main(argv + ["--model", str(tmp_path / "other")])
+    assert all(f"--model {tmp_path / 'other'} " in ln for ln in capsys.readouterr().out.splitlines())
