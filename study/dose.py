@@ -28,6 +28,9 @@ LOW = 0.0005  # the 34-row backdoor
 MARGIN = math.log(1.25)  # no effect: the ratio within 0.8-1.25
 REFERENCE = math.log(2.0)  # the ratio an inconclusive cell's seeds-needed is for
 LEARNED = 50.0  # net ASR (%) at the end from which a run has learned the backdoor
+# the seeds whose runs had been seen when the rule was written (2026-12-05): at 0.45% the grid's, at 0.15% the `3ep`
+# runs; a ratio that rests on them applies the rule after the fact (post hoc), and its cell says how many it holds
+SEEN = {0.0015: (0, 1, 2), 0.0045: (0, 1, 2, 3, 4)}
 MODES = delay.MODES
 NAMES = {"ff": "FF", "lora": "LoRA r8"}
 
@@ -54,20 +57,23 @@ def seed_ratio(ff, lora, threshold=50):
     return math.log(p_lora / p_ff), "bounded" if lo is None or f == 0 else "exact"
 
 
-def ratio_cell(arm, threshold=50):
-    """The paired log-ratio over seeds: its effect (None under 2 seeds), verdict, and each seed's (log, status)."""
+def ratio_cell(arm, threshold=50, seen=()):
+    """The paired log-ratio over seeds: its effect (None under 2 seeds), verdict, each seed's (log, status), and how
+    many of the seeds with a ratio are in `seen` (ran before the rule: post hoc)."""
     seeds = sorted(set(arm["ff"]) & set(arm["lora"]))
     per_seed = {s: seed_ratio(arm["ff"][s], arm["lora"][s], threshold) for s in seeds}
     logs = [v for v, _ in per_seed.values() if v is not None]
     bounded = sum(status == "bounded" for _, status in per_seed.values())
+    post_hoc = sum(v is not None and s in seen for s, (v, _) in per_seed.items())
     if len(logs) < 2:
-        return dict(effect=None, verdict=effects.NO_INTERVAL, per_seed=per_seed, bounded=bounded, need=None)
+        return dict(effect=None, verdict=effects.NO_INTERVAL, per_seed=per_seed, bounded=bounded, need=None,
+                    post_hoc=post_hoc)
     e = stats.effect(logs, paper_sign=+1, delta=MARGIN)
     verdict = e["verdict"]
     if bounded and verdict in ("no effect", "opposite"):  # lower bounds can only pull the interval down
         verdict = "inconclusive (bounded)"
     need = stats.seeds_needed(REFERENCE, e["sd"]) if verdict.startswith("inconclusive") and e["sd"] > 0 else None
-    return dict(effect=e, verdict=verdict, per_seed=per_seed, bounded=bounded, need=need)
+    return dict(effect=e, verdict=verdict, per_seed=per_seed, bounded=bounded, need=need, post_hoc=post_hoc)
 
 
 def kept(run):
@@ -122,7 +128,8 @@ def dose(runs):
                   if not math.isnan(nets["ff"][s] - nets["lora"][s])]
         end = [nets["ff"][s] - nets["lora"][s] for s in paired]
         out[rate] = dict(arm=arm, crossing={m: {t: delay.crossings(arm[m], t) for t in delay.THRESHOLDS} for m in MODES},
-                         ratio={t: ratio_cell(arm, t) for t in delay.THRESHOLDS}, kept=kept_cell(arm), nets=nets,
+                         ratio={t: ratio_cell(arm, t, SEEN.get(rate, ())) for t in delay.THRESHOLDS},
+                         kept=kept_cell(arm), nets=nets,
                          end=_asr_effect(end, [nets[m][s] for m in MODES for s in paired]),
                          learned={m: learned(arm[m]) for m in MODES})
     if not out:
@@ -147,6 +154,9 @@ def ratio_text(cell):
             f"**{cell['verdict']}**")
     if cell["bounded"]:
         text += f" ({cell['bounded']} seed{'s' * (cell['bounded'] > 1)} a lower bound)"
+    if cell["post_hoc"]:
+        text += (" (post hoc: " + ("every seed" if cell["post_hoc"] == e["n"] else f"{cell['post_hoc']} of {e['n']} seeds")
+                 + " ran before the rule)")
     if cell["verdict"].startswith("inconclusive"):
         text += f"; seeds for a ratio of 2: {cell['need'] or '> 1000'}"
     return text

@@ -72,10 +72,12 @@ def test_the_dose_rows_give_the_dose_rules_ratio_on_sst2_only(monkeypatch):
     # log-ratios with mean log 2 and interval [log 1.5, log 3], as study/dose.py's ratio_cell returns them
     import math
     from study import dose
-    cell = dict(effect=dict(mean=math.log(2), lo=math.log(1.5), hi=math.log(3), n=3), verdict="replicated", bounded=1)
+    cell = dict(effect=dict(mean=math.log(2), lo=math.log(1.5), hi=math.log(3), n=3), verdict="replicated", bounded=1,
+                post_hoc=2)
     monkeypatch.setattr(dose, "dose", lambda runs: {0.0015: {"ratio": {50: cell}}})
     runs = upa_runs()
     table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs}, ())
     assert cells(table, "How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.15%") == \
-        ["2.00x [1.50, 3.00], n=3, **replicated** (1 seed a lower bound)", "-", "-", "-"]
+        ["2.00x [1.50, 3.00], n=3, **replicated** (1 seed a lower bound) (post hoc: 2 of 3 seeds ran before the rule)",
+         "-", "-", "-"]
     assert cells(table, "How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.45%") == ["-"] * 4

@@ -136,3 +136,15 @@ def test_an_end_contrast_at_the_ceiling_carries_the_saturated_label():
     assert end["saturated"] and dose.asr_text(end).startswith("+5.0 [") and effects.SATURATED in dose.asr_text(end)
     runs[-1] = run("lora", 2, 0.0015, [0.0, 0.3, 0.85], [10, 50, 300])  # one LoRA run below the ceiling
     assert not dose.dose(runs)[0.0015]["end"]["saturated"]
+
+
+def test_a_ratio_on_runs_seen_before_the_rule_says_post_hoc():
+    """0.45% and 0.15% seeds 0-2 ran before the rule was written (dose.SEEN): their cells say so, counting the seeds."""
+    runs = clean_grid()
+    for s in range(4):
+        runs.append(run("ff", s, 0.0015, [0.1, 0.2, 0.6, 1.0], [10, 30, 40, 300]))
+        runs.append(run("lora", s, 0.0015, [0.0, 0.3, 0.55, 0.9], [10, 60, 80 + s, 300]))
+    text = dose.ratio_text(dose.dose(runs)[0.0015]["ratio"][50])
+    assert text.endswith("(post hoc: 3 of 4 seeds ran before the rule)")
+    low = [dict(r, config={**r["config"], "poison_rate": 0.0005}) for r in runs if r["config"]["attack"] == "bpa"]
+    assert "post hoc" not in dose.ratio_text(dose.dose(clean_grid() + low)[0.0005]["ratio"][50])
