@@ -639,8 +639,8 @@ def curves(runs, task, attack, rate, arm):
     arm = pick([r for r in runs if r["config"]["task"] == task and r.get("curve")], **arm, attack=attack,
                **({"poison_rate": rate} if attack != "none" else {}))
     points = defaultdict(list)
-    for r in arm.values():
-        for p in r["curve"]:
+    for curve in on_one_grid([r["curve"] for r in arm.values()]):
+        for p in curve:
             points[p["samples"]].append(p)
     out = []
     for samples, ps in sorted(points.items()):
@@ -653,6 +653,30 @@ def curves(runs, task, attack, rate, arm):
             point[metric], point[metric + "_sd"] = stats.mean_std(v) if v else (math.nan, math.nan)
         out.append(point)
     return out
+
+
+def on_one_grid(curves):
+    """The curves as they are when they share their evaluation points; else each one linearly interpolated at the
+    points of the coarsest (fewest points) within its own range, so that seeds evaluated on different grids (issue 51's
+    1/32 grid beside the 1/16 one) still average point by point. The values at a curve's own points are its own."""
+    grids = [[p["samples"] for p in c] for c in curves]
+    if len({tuple(g) for g in grids}) < 2:
+        return curves
+    coarse = min(grids, key=len)
+    return [[_interpolated(c, x) for x in coarse if c[0]["samples"] <= x <= c[-1]["samples"]] for c in curves]
+
+
+def _interpolated(curve, x):
+    """The curve point at x samples: its own where it has one, else between its neighbours (an undefined value
+    stays undefined)."""
+    i = next(k for k, p in enumerate(curve) if p["samples"] >= x)
+    if curve[i]["samples"] == x:
+        return curve[i]
+    a, b = curve[i - 1], curve[i]
+    w = (x - a["samples"]) / (b["samples"] - a["samples"])
+    mix = lambda u, v: None if u is None or v is None else u + w * (v - u)
+    return {"samples": x, **{k: mix(a.get(k), b.get(k)) for k in ("poisoned_seen", "acc", "asr", "asr_net")
+                             if k in a and k in b}}
 
 
 def draw_curves(runs, task, path, steps=None):

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from test_train import ROOT, base_args, metrics, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
 
 # runs train.main with data.collate wrapped: every training micro-batch's texts are appended to a file, so the
@@ -94,3 +96,22 @@ def test_select_dev_needs_rows_to_spare(tiny_setup, tmp_path):
     assert not os.path.exists(tmp_path / "x")
     res = run_cli(base_args(tiny_setup, tmp_path / "y", "--eval-every", "3", "--select-dev", "4"))
     assert res.returncode == 2 and "--select-dev needs --curve-dev" in res.stderr
+
+
+def test_seeds_on_different_evaluation_grids_average_on_the_coarsest():
+    """effects.curves: a seed evaluated every 1/32 beside seeds every 1/16 (issue 51) is read at the coarse grid's
+    points by linear interpolation (worked out by hand); seeds on one grid keep their own points."""
+    from study import effects
+    coarse = [dict(samples=s, poisoned_seen=s // 10, acc=0.8, asr=a, asr_net=a) for s, a in ((100, 0.1), (200, 0.5))]
+    fine = [dict(samples=s, poisoned_seen=s // 10, acc=0.9, asr=a, asr_net=a)
+            for s, a in ((60, 0.0), (120, 0.2), (180, 0.6), (200, 0.7))]
+    grid = effects.on_one_grid([coarse, fine])
+    assert grid[0] == coarse
+    assert [p["samples"] for p in grid[1]] == [100, 200]
+    assert grid[1][0]["asr"] == pytest.approx(0.0 + (100 - 60) / 60 * 0.2) and grid[1][1] is fine[-1]
+    assert effects.on_one_grid([coarse, [dict(p) for p in coarse]])[1] == coarse
+    cfg = dict(task="sst2", mode="ff", attack="bpa", poison_rate=0.0015, seed=0)
+    runs = [dict(config=dict(cfg, seed=s), curve=c) for s, c in enumerate((coarse, fine))]
+    pts = effects.curves(runs, "sst2", "bpa", 0.0015, dict(mode="ff"))
+    assert [p["samples"] for p in pts] == [100, 200] and all(p["n"] == 2 for p in pts)
+    assert pts[0]["asr"] == pytest.approx(100 * (0.1 + 0.4 / 3) / 2)
