@@ -35,11 +35,15 @@ MODES = delay.MODES
 NAMES = {"ff": "FF", "lora": "LoRA r8"}
 
 
-def arms(runs, rate):
-    """{mode: {seed: run}}: SST-2's BPA runs at `rate` (rows drawn from all rows), FF and LoRA r8; the three-epoch
-    runs for 0.05% and 0.15%, the grid's budget for 0.45%."""
+def pools(runs):
+    """{rate: the runs its arms come from}: the three-epoch runs for 0.05% and 0.15%, SST-2's grid budget for 0.45%."""
     longer, _ = delay.long_runs(runs)
-    pool = longer if rate in THREE_EPOCHS else [r for r in effects.at_budget(runs) if r["config"]["task"] == "sst2"]
+    budget = [r for r in effects.at_budget(runs) if r["config"]["task"] == "sst2"]
+    return {rate: longer if rate in THREE_EPOCHS else budget for rate in RATES}
+
+
+def arms(pool, rate):
+    """{mode: {seed: run}}: the pool's BPA runs at `rate` (rows drawn from all rows), FF and LoRA r8."""
     return {m: effects.pick(pool, **effects.ARMS[m], attack="bpa", poison_rate=rate, poison_pool="any") for m in MODES}
 
 
@@ -119,8 +123,8 @@ def dose(runs):
     """{rate: every registered quantity} for the rates with runs, and the delay contrast over every seed in
     ('delay_all', the follow-up beside the n = 3 verdict); None when no rate has runs."""
     out = {}
-    for rate in RATES:
-        arm = arms(runs, rate)
+    for rate, pool in pools(runs).items():
+        arm = arms(pool, rate)
         if not (arm["ff"] or arm["lora"]):
             continue
         nets = {m: {s: effects.asr(r, net=True) for s, r in arm[m].items()} for m in MODES}
@@ -221,10 +225,7 @@ def markdown(res):
                   f"- net ASR FF - LoRA at the end: {asr_text(r['end'])}"]
         if rate in THREE_EPOCHS:
             k = r["kept"]
-            points = [f"s{s}: FF step {k['points']['ff'][s]['step']:,} ({100 * k['points']['ff'][s]['sel_acc']:.1f}% on "
-                      f"{k['points']['ff'][s]['sel_n']} rows, net ASR {100 * k['points']['ff'][s]['asr_net']:.1f}), LoRA "
-                      f"step {k['points']['lora'][s]['step']:,} ({100 * k['points']['lora'][s]['sel_acc']:.1f}%, net ASR "
-                      f"{100 * k['points']['lora'][s]['asr_net']:.1f})" for s in k["seeds"]]
+            points = [f"s{s}: " + ", ".join(_kept_text(m, k["points"][m][s]) for m in MODES) for s in k["seeds"]]
             lines.append(f"- the checkpoint a user keeps (best clean accuracy on the selection rows), net ASR FF - "
                          f"LoRA: {asr_text(k['effect'])}" + ("; " + "; ".join(points) if points else
                                                              " (no run with selection rows yet)"))
@@ -237,6 +238,11 @@ def markdown(res):
         lines.append(f"Delay or limit over every seed in (follow-up; the registered verdict is on seeds 0-2): net ASR "
                      f"FF - LoRA at the end {stats.effect_text(e)}{effects.saturated_text(e)} by the delay rule.")
     return "\n".join(lines).rstrip()
+
+
+def _kept_text(mode, p):
+    return (f"{NAMES[mode]} step {p['step']:,} ({100 * p['sel_acc']:.1f}% on {p['sel_n']} rows, net ASR "
+            f"{100 * p['asr_net']:.1f})")
 
 
 def draw(res, path):

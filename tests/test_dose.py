@@ -122,6 +122,7 @@ def test_markdown_and_figure(tmp_path):
     text = dose.markdown(res)
     assert "## BPA 0.05% (3 epochs)" in text and "| 0 | 20 (0.0k) | 100 (0.0k) | - | - | 5.00 (lower bound) |" in text
     assert "learned in 3 epochs (net ASR >= 50% at the end): FF learned, LoRA r8 not learned" in text
+    assert "s0: FF step 2 (90.0% on 616 rows, net ASR 70.0), LoRA r8 step 2 (90.0% on 616 rows, net ASR 20.0)" in text
     assert dose.draw(res, str(tmp_path / "d.png")) and (tmp_path / "d.png").stat().st_size > 0
     assert not dose.draw(None, str(tmp_path / "none.png"))
 
