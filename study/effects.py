@@ -563,7 +563,7 @@ def markdown(rows):
 # -----------------------------------------------------------------------------
 # across tasks: each F1/F2 cell on every task side by side (issue 23)
 
-TASKS = ("sst2", "cola", "qnli", "qqp")
+TASKS = ("sst2", "cola", "qnli", "qqp", "mrpc", "rte")  # the paper's six (Sec. 4.1), in the order `conv` ran them
 ACROSS = (("F1", "UPA 0.3", "extra accuracy drop of LoRA", "F1: LoRA's extra accuracy drop, UPA 0.3"),
           ("F2", "BPA 0.15%", "ASR FF - LoRA", "F2: ASR FF - LoRA, BPA 0.15%"),
           ("F2", "BPA 0.15%", "net ASR FF - LoRA", "F2: net ASR FF - LoRA, BPA 0.15%"),
@@ -571,58 +571,71 @@ ACROSS = (("F1", "UPA 0.3", "extra accuracy drop of LoRA", "F1: LoRA's extra acc
           ("F2", "BPA 0.45%", "net ASR FF - LoRA", "F2: net ASR FF - LoRA, BPA 0.45%"))
 
 
-def across_tasks(rows):
-    """{title: {task: effects row}} for the F1/F2 cells of ACROSS, on the tasks that have them."""
-    out = {}
+def across_tasks(rows, beside=None):
+    """{title: {label: effects row}} for the F1/F2 cells of ACROSS: a label per task that has the cell, then, from
+    `beside` ({model name: that model's effects rows, e.g. {"MPNet": ...}}), 'task (model)' for each of its cells."""
+    sources = [(t, t, rows) for t in TASKS] + [(f"{t} ({m})", t, rs) for m, rs in (beside or {}).items() for t in TASKS]
+    key, out = lambda r: (r["finding"], r["task"], r["condition"], r["what"]), {}
     for finding, cond, what, title in ACROSS:
-        cells = {r["task"]: r for r in rows if (r["finding"], r["condition"], r["what"]) == (finding, cond, what)}
-        out[title] = {t: cells[t] for t in TASKS if t in cells}
+        cells = {label: next((r for r in rs if key(r) == (finding, task, cond, what)), None) for label, task, rs in sources}
+        out[title] = {label: r for label, r in cells.items() if r}
     return out
 
 
-def across_markdown(rows):
-    table = across_tasks(rows)
-    lines = ["| finding | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+def across_labels(table):
+    """The rows of the across-tasks table and forest plot: every task of TASKS (one not run yet says so), then the
+    other models' tasks that have a cell."""
+    return list(TASKS) + list(dict.fromkeys(label for cells in table.values() for label in cells if label not in TASKS))
+
+
+def across_markdown(rows, beside=None):
+    table = across_tasks(rows, beside)
+    labels = across_labels(table)
+    lines = ["| finding | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for title, cells in table.items():
         text = [stats.effect_text(c) + saturated_text(c, short=True) if c else NO_INTERVAL
-                for c in (cells.get(t) for t in TASKS)]
+                for c in (cells.get(label) for label in labels)]
         lines.append(f"| {title} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
 
-def draw_forest(rows, path):
-    """One panel per F1/F2 cell, one row per task: the paired effect and its 95% interval, + = the paper's direction
-    (shaded), the no-effect margin dotted. False when fewer than two tasks have any cell."""
-    table = across_tasks(rows)
-    if len({t for cells in table.values() for t in cells}) < 2:
+def draw_forest(rows, path, beside=None):
+    """One panel per F1/F2 cell, one row per task (and other model's task, from `beside` as in across_tasks): the
+    paired effect and its 95% interval, + = the paper's direction (shaded), the no-effect margin dotted. False when
+    fewer than two rows have any cell."""
+    table = across_tasks(rows, beside)
+    labels = across_labels(table)
+    if len({label for cells in table.values() for label in cells}) < 2:
         return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 2.8), sharey=True)
+    fig, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 1.2 + 0.33 * len(labels)), sharey=True)
     for ax, (title, cells) in zip(axes, table.items()):
         delta = DELTA["acc" if title.startswith("F1") else "asr"]
-        ys = range(len(TASKS))
-        for y, task in zip(ys, TASKS):
-            c = cells.get(task)
+        for y, label in enumerate(labels):
+            c = cells.get(label)
             if c:
                 ax.errorbar([c["mean"]], [y], xerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]], fmt="o",
                             color="k", capsize=3)
                 ax.annotate(f"n={c['n']}", (c["hi"], y), xytext=(4, 0), textcoords="offset points", va="center",
                             fontsize=7)
+            else:  # said on the plot, not left as a blank row
+                ax.annotate("no interval yet", (0, y), xytext=(4, 0), textcoords="offset points", va="center",
+                            fontsize=7, color="gray")
         lo, hi = ax.get_xlim()
         ax.set_xlim(min(lo, -delta * 2), max(hi, delta * 2))
         ax.axvspan(0, ax.get_xlim()[1], color="tab:green", alpha=0.08)
         ax.axvline(0, color="k", lw=0.8)
         for x in (-delta, delta):
             ax.axvline(x, color="gray", lw=0.8, ls=":")
-        ax.set_yticks(list(ys), TASKS)
-        ax.set_ylim(len(TASKS) - 0.5, -0.5)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
         ax.set_title(textwrap.fill(title, 24), fontsize=8)
         ax.set_xlabel("points", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("F1 and F2 across tasks under conv: paired effect, 95% interval (shaded: the paper's direction; "
-                 "dotted: the no-effect margin)", fontsize=9)  # a title, not a legend: a legend covers an interval
+    fig.suptitle(f"F1 and F2 across tasks{' and models' if beside else ''} under conv: paired effect, 95% interval "
+                 "(shaded: the paper's direction; dotted: the no-effect margin)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -266,13 +266,15 @@ def write_text(out_dir, name, text):
         f.write(text + "\n")
 
 
-def write_report(runs, out_dir):
+def write_report(runs, out_dir, beside=None):
     """The whole report of `runs` into out_dir: table.md (every setting, its steps a column), findings.md, tables.md
     and the figures. The paper's layouts (findings, tables, figures) show each task's grid budget: they leave out a
     protocol's calibration runs, which have their own calib-<task>.md/png, and runs of another length (the three-epoch
     runs: effects.md labels their rows with their steps, delay.md reads them). They are per task: with several
     tasks, findings.md and tables.md have a section per task and the figures are fig1-<task>.png.
-    Returns the init zoo's summary for REPORT.md where the runs hold the zoo, else None."""
+    beside: {model name: effects rows} of the same protocol on other models, set beside these runs' tasks in the
+    across-tasks table and forest plot. Returns the init zoo's summary for REPORT.md where the runs hold the zoo, else
+    None."""
     all_runs, runs = runs, [r for r in runs if not calibrate.is_calibration(r)]
     os.makedirs(out_dir, exist_ok=True)
     grid = effects.at_budget(runs)
@@ -299,7 +301,7 @@ def write_report(runs, out_dir):
                + "\n\n".join(tables))
     print(f"wrote table.md, findings.md and tables.md in {out_dir}")  # the figures said so as they were drawn
     write_calibration(all_runs, out_dir)
-    return write_effects(runs, out_dir)
+    return write_effects(runs, out_dir, beside)
 
 
 def _other_lengths(runs, grid):
@@ -315,12 +317,13 @@ def _other_lengths(runs, grid):
 ACROSS_HEAD = """# F1 and F2 across tasks
 
 Each cell: the per-seed paired effect in points (+ = the paper's direction), its 95% t-interval, the number of
-paired seeds, and the verdict (results/REPORT.md defines them); the forest plot beside this file draws them.
+paired seeds, and the verdict (results/REPORT.md defines them); the forest plot beside this file draws them. A
+column "task (MODEL)" is that task on a second model, from its own protocol's results (`conv-mpnet`: MPNet-base).
 
 """
 
 
-def write_effects(runs, out_dir):
+def write_effects(runs, out_dir, beside=None):
     """effects.md (every finding as a paired effect with its 95% interval and verdict) and the curves over training
     (calibration runs left out: they repeat the clean settings at other rates and budgets)."""
     rows = effects.effects(runs)
@@ -328,8 +331,8 @@ def write_effects(runs, out_dir):
         rules = "\n\n" + effects.follow_ups_markdown(effects.follow_ups(runs)) if effects.follow_ups_apply(runs) else ""
         write_text(out_dir, "effects.md", EFFECTS_HEAD + effects.markdown(rows) + rules)
         print(f"wrote {os.path.join(out_dir, 'effects.md')}")
-    if effects.draw_forest(rows, os.path.join(out_dir, "forest.png")):
-        write_text(out_dir, "across-tasks.md", ACROSS_HEAD + effects.across_markdown(rows))
+    if effects.draw_forest(rows, os.path.join(out_dir, "forest.png"), beside):
+        write_text(out_dir, "across-tasks.md", ACROSS_HEAD + effects.across_markdown(rows, beside))
         print(f"wrote {os.path.join(out_dir, 'across-tasks.md')} and forest.png")
     longer = delay.delay_or_limit(runs)
     if longer:
@@ -404,14 +407,19 @@ its text states one (F1 0.5, F2 30 points) and a reference effect of twice the m
 # -----------------------------------------------------------------------------
 # python -m study.report all: every protocol's report, then the verdicts at a glance (results/verdicts.md)
 
+# the verdicts table's columns: the CPU protocol, the converged one, and the converged one on MPNet-base (issue 50: its
+# F1/F2 cells on SST-2; the column appears once it has runs)
+PROTOCOLS = ("cpu", "conv", "conv-mpnet")
 # the headline cells of each finding: {row label: {protocol: (finding, task, condition prefix, effect or None)}}
 _F2 = lambda rate, what: ("F2", "sst2", f"BPA {rate}", what)
 HEADLINES = {
-    "F1: UPA 0.3, LoRA's extra accuracy drop": {p: ("F1", "sst2", "UPA 0.3", None) for p in ("cpu", "conv")},
-    "F2: ASR FF - LoRA, lower BPA rate": {"cpu": _F2("1%", "ASR FF - LoRA"), "conv": _F2("0.15%", "ASR FF - LoRA")},
-    "F2: ASR FF - LoRA, higher BPA rate": {"cpu": _F2("2%", "ASR FF - LoRA"), "conv": _F2("0.45%", "ASR FF - LoRA")},
-    "F2: net ASR FF - LoRA, lower BPA rate": {"conv": _F2("0.15%", "net ASR FF - LoRA")},
-    "F2: net ASR FF - LoRA, higher BPA rate": {"conv": _F2("0.45%", "net ASR FF - LoRA")},
+    "F1: UPA 0.3, LoRA's extra accuracy drop": {p: ("F1", "sst2", "UPA 0.3", None) for p in PROTOCOLS},
+    "F2: ASR FF - LoRA, lower BPA rate": {"cpu": _F2("1%", "ASR FF - LoRA"),
+                                          **{p: _F2("0.15%", "ASR FF - LoRA") for p in PROTOCOLS[1:]}},
+    "F2: ASR FF - LoRA, higher BPA rate": {"cpu": _F2("2%", "ASR FF - LoRA"),
+                                           **{p: _F2("0.45%", "ASR FF - LoRA") for p in PROTOCOLS[1:]}},
+    "F2: net ASR FF - LoRA, lower BPA rate": {p: _F2("0.15%", "net ASR FF - LoRA") for p in PROTOCOLS[1:]},
+    "F2: net ASR FF - LoRA, higher BPA rate": {p: _F2("0.45%", "net ASR FF - LoRA") for p in PROTOCOLS[1:]},
     "F3: UPA, drop(lowest rank) - drop(full rank)": {p: ("F3", "sst2", "UPA 0.3, rank 4 vs 384", None) for p in ("cpu", "conv")},
     "F3: BPA, ASR(full rank) - ASR(lowest rank)": {"cpu": ("F3", "sst2", "BPA 2%, rank 4 vs 384", None),
                                                     "conv": ("F3", "sst2", "BPA 0.45%, rank 4 vs 384", None)},
@@ -437,7 +445,7 @@ def task_headlines(task, name):
     return rows
 
 
-for _task, _name in (("cola", "CoLA"), ("qnli", "QNLI"), ("qqp", "QQP")):
+for _task, _name in (("cola", "CoLA"), ("qnli", "QNLI"), ("qqp", "QQP"), ("mrpc", "MRPC"), ("rte", "RTE")):
     HEADLINES.update(task_headlines(_task, _name))
 # the saturation follow-up the ceiling rule called for on QNLI (both modes >= 90% ASR at both rates, seeds 0-2)
 for _what in ("ASR FF - LoRA", "net ASR FF - LoRA"):
@@ -469,7 +477,7 @@ def headline_cell(rows, finding, task, cond, what):
 
 def verdicts(protocol_rows, extra_rows=()):
     """The verdicts at a glance: one row per headline finding, one column per protocol ('-': not in its design)."""
-    protocols = [p for p in ("cpu", "conv") if p in protocol_rows]
+    protocols = [p for p in PROTOCOLS if p in protocol_rows]
     lines = ["| finding | " + " | ".join(f"`{p}`" for p in protocols) + " |", "|---|" + "---|" * len(protocols)]
     for label, cells in HEADLINES.items():
         lines.append("| " + " | ".join([label] + [headline_cell(protocol_rows[p], *cells[p]) if p in cells else "-"
@@ -523,7 +531,8 @@ def thm36_rows(root):
 # the effect, its 95% interval, n and verdict, from the same rows as the verdicts table
 
 # (column heading, protocol, task): a task or a second model is one more line (a model's runs in their own protocol)
-ANSWER_COLUMNS = (("SST-2", "conv", "sst2"), ("CoLA", "conv", "cola"), ("QNLI", "conv", "qnli"), ("QQP", "conv", "qqp"))
+ANSWER_COLUMNS = (("SST-2", "conv", "sst2"), ("CoLA", "conv", "cola"), ("QNLI", "conv", "qnli"), ("QQP", "conv", "qqp"),
+                  ("MRPC", "conv", "mrpc"), ("RTE", "conv", "rte"), ("SST-2 (MPNet)", "conv-mpnet", "sst2"))
 DEFENCES_RAN_ON = ("conv", "sst2")  # the defences experiment's runs (study/defend.py): conv's F1/F2 BPA runs of SST-2
 _NET = "net ASR FF - LoRA"
 ANSWER_ROWS = (  # (label, where its cells come from: an effects row, the delay or dose rule, a defence contrast)
@@ -550,7 +559,7 @@ def answer_cell(e, verdict=None):
 def answer_table(effect_rows, runs_of, defence_rows, columns=ANSWER_COLUMNS, rows=ANSWER_ROWS):
     """The answer as Markdown. effect_rows and runs_of: {protocol: effects rows / runs}; defence_rows: study/defend.py's
     contrasts (fractions), of the runs DEFENCES_RAN_ON. A cell is '-' where the question was not asked (or has fewer
-    than two paired seeds yet)."""
+    than two paired seeds yet); a column with no runs at all is named under the table instead."""
     # SST-2 over three epochs: the delay rule's and the dose rule's results, per protocol
     longer = {p: (delay.delay_or_limit(runs_of[p]), dose.dose(runs_of[p])) for p in {c[1] for c in columns}
               if p in runs_of}
@@ -571,8 +580,12 @@ def answer_table(effect_rows, runs_of, defence_rows, columns=ANSWER_COLUMNS, row
             return "-"
         return answer_cell({**hits[0], **{k: 100 * hits[0][k] for k in ("mean", "lo", "hi")}})
 
-    lines = ["| question | " + " | ".join(c[0] for c in columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join([label] + [cell(p, t, source) for _, p, t in columns]) + " |" for label, source in rows]
+    ran = [c for c in columns if any(r["config"]["task"] == c[2] for r in runs_of.get(c[1], ()))]
+    lines = ["| question | " + " | ".join(c[0] for c in ran) + " |", "|---|" + "---|" * len(ran)]
+    lines += ["| " + " | ".join([label] + [cell(p, t, source) for _, p, t in ran]) + " |" for label, source in rows]
+    if len(ran) < len(columns):  # a registered column is said, not dropped
+        lines.append("\nNot run yet (pre-registered in this report): " + ", ".join(c[0] for c in columns if c not in ran)
+                     + ".")
     return "\n".join(lines)
 
 
@@ -585,6 +598,10 @@ def answer(root):
     return answer_table({p: effects.effects(runs) for p, runs in runs_of.items()}, runs_of, defended)
 
 
+# a second model's protocol, set beside its first model's tasks in the across-tasks table and forest plot (issue 50)
+MODELS_BESIDE = {"conv": {"MPNet": "conv-mpnet"}}
+
+
 def defence_files(root):
     """The defences experiment's results: its detector and filter lines, and its retrainings (study/defend.py)."""
     return os.path.join(root, "conv", "defences.jsonl"), os.path.join(root, "conv", "defences-retrain.jsonl")
@@ -592,14 +609,14 @@ def defence_files(root):
 
 def report_all(root):
     """Every results/<protocol>/results.jsonl's report, then results/verdicts.md, then the defences experiment's."""
-    rows, compute, zoos, runs_of = {}, [], [], {}
-    for protocol in sorted(os.listdir(root)):
-        path = os.path.join(root, protocol, "results.jsonl")
-        if os.path.isfile(path) and (runs := ledger.runs(path)):
-            if zoo := write_report(runs, os.path.join(root, protocol)):
-                zoos.append(f"From `results/{protocol}/zoo.md`:\n\n{zoo}")
-            rows[protocol], runs_of[protocol] = effects.effects(runs), runs
-            compute.append(f"- `{protocol}`: {compute_used(runs, MACHINE.get(protocol, MACHINE[None]))}")
+    paths = {p: os.path.join(root, p, "results.jsonl") for p in sorted(os.listdir(root))}
+    runs_of = {p: runs for p, path in paths.items() if os.path.isfile(path) and (runs := ledger.runs(path))}
+    rows, compute, zoos = {p: effects.effects(runs) for p, runs in runs_of.items()}, [], []
+    for protocol, runs in runs_of.items():
+        beside = {model: rows[q] for model, q in MODELS_BESIDE.get(protocol, {}).items() if q in rows}
+        if zoo := write_report(runs, os.path.join(root, protocol), beside):
+            zoos.append(f"From `results/{protocol}/zoo.md`:\n\n{zoo}")
+        compute.append(f"- `{protocol}`: {compute_used(runs, MACHINE.get(protocol, MACHINE[None]))}")
     if "conv-bf16" in runs_of and "conv" in runs_of:  # the bf16 numerics check against its fp32 twins
         write_text(os.path.join(root, "conv-bf16"), "numerics.md",
                    numerics.markdown(numerics.compare(runs_of["conv-bf16"], runs_of["conv"])))

@@ -26,22 +26,27 @@ def cells(table, label):
     return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
-def test_each_cell_is_its_tasks_effect_and_a_task_not_run_is_a_dash():
+def test_each_cell_is_its_tasks_effect_and_a_task_not_run_is_named_under_the_table():
     runs = upa_runs() + upa_runs("qnli", seeds=range(2))  # QNLI: seeds 0-1 only -> 3 and 4, +3.5 [-2.9, +9.9]
     table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs}, ())
-    assert table.splitlines()[0] == "| question | SST-2 | CoLA | QNLI | QQP |"
-    assert cells(table, "F1") == ["+4.0 [+1.5, +6.5], n=3, **replicated**", "-",
-                                  "+3.5 [-2.9, +9.9], n=2, **inconclusive**", "-"]
+    assert table.splitlines()[0] == "| question | SST-2 | QNLI |"
+    assert cells(table, "F1") == ["+4.0 [+1.5, +6.5], n=3, **replicated**", "+3.5 [-2.9, +9.9], n=2, **inconclusive**"]
     assert all(c == "-" for label, _ in report.ANSWER_ROWS[1:] for c in cells(table, label))
-    assert len(table.splitlines()) == 2 + len(report.ANSWER_ROWS)
+    assert table.splitlines()[2 + len(report.ANSWER_ROWS):] == \
+        ["", "Not run yet (pre-registered in this report): CoLA, QQP, MRPC, RTE, SST-2 (MPNet)."]
+
+
+def test_a_column_with_runs_but_no_interval_yet_stays_with_dashes():
+    runs = upa_runs() + upa_runs("cola", seeds=(0,))  # CoLA: one seed, no interval
+    table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs}, ())
+    assert table.splitlines()[0] == "| question | SST-2 | CoLA |" and cells(table, "F1")[1] == "-"
 
 
 def test_a_second_model_is_one_more_column():
     sst2, other = upa_runs(), upa_runs(seeds=(5, 6, 7))
-    columns = report.ANSWER_COLUMNS + (("SST-2, MPNet", "conv-mpnet", "sst2"),)
     table = report.answer_table({"conv": effects.effects(sst2), "conv-mpnet": effects.effects(other[:8])},
-                                {"conv": sst2, "conv-mpnet": other[:8]}, (), columns)
-    assert table.splitlines()[0].endswith("| QQP | SST-2, MPNet |")
+                                {"conv": sst2, "conv-mpnet": other[:8]}, ())
+    assert table.splitlines()[0] == "| question | SST-2 | SST-2 (MPNet) |"
     assert cells(table, "F1")[0] == "+4.0 [+1.5, +6.5], n=3, **replicated**"
     assert cells(table, "F1")[-1] == "+3.5 [-2.9, +9.9], n=2, **inconclusive**"  # its own runs, seeds 5-6
 
@@ -51,9 +56,9 @@ def test_the_delay_row_gives_the_delay_rules_verdict_on_sst2_only(monkeypatch):
     # "replicated"), every paired run at the ceiling
     e = dict(mean=5.0, lo=0.03, hi=9.97, n=3, verdict="replicated", saturated=True)
     monkeypatch.setattr(delay, "delay_or_limit", lambda runs: {"contrasts": {("end", "net ASR"): e}, "verdict": "delay"})
-    runs = upa_runs()
+    runs = upa_runs() + upa_runs("qnli")  # a second column, where these rows must stay '-'
     table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs}, ())
-    assert cells(table, "Delay or limit") == ["+5.0 [+0.0, +10.0], n=3, **delay** (saturated)", "-", "-", "-"]
+    assert cells(table, "Delay or limit") == ["+5.0 [+0.0, +10.0], n=3, **delay** (saturated)", "-"]
 
 
 def test_defence_contrasts_are_points_in_the_column_of_the_runs_they_ran_on():
@@ -61,11 +66,11 @@ def test_defence_contrasts_are_points_in_the_column_of_the_runs_they_ran_on():
     one_seed = dict(mean=0.2, lo=0.2, hi=0.2, n=1, verdict="inconclusive", saturated=False)
     defended = [("ASR after, FRR 0.05", "dan", 0.0015, dan), ("ASR after retraining", "bki", 0.0045, one_seed),
                 ("ASR after, FRR 0.05", "dan", 0.0045, dict(dan, mean=1.0))]  # another rate: not this row
-    runs = upa_runs()
+    runs = upa_runs() + upa_runs("qnli")  # a second column, where these rows must stay '-'
     table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs}, defended)
-    assert cells(table, "DAN: ASR after, FF - LoRA, FRR 5%") == ["-5.9 [-11.2, -0.6], n=5, **opposite**", "-", "-", "-"]
-    assert cells(table, "BKI") == ["-"] * 4  # one paired seed: no interval yet
-    assert cells(table, "DAN: detection AUROC") == ["-"] * 4
+    assert cells(table, "DAN: ASR after, FF - LoRA, FRR 5%") == ["-5.9 [-11.2, -0.6], n=5, **opposite**", "-"]
+    assert cells(table, "BKI") == ["-"] * 2  # one paired seed: no interval yet
+    assert cells(table, "DAN: detection AUROC") == ["-"] * 2
 
 
 def test_the_dose_rows_give_the_dose_rules_ratio_on_sst2_only(monkeypatch):
@@ -75,9 +80,9 @@ def test_the_dose_rows_give_the_dose_rules_ratio_on_sst2_only(monkeypatch):
     cell = dict(effect=dict(mean=math.log(2), lo=math.log(1.5), hi=math.log(3), n=3), verdict="replicated", bounded=1,
                 post_hoc=2)
     monkeypatch.setattr(dose, "dose", lambda runs: {0.0015: {"ratio": {50: cell}}})
-    runs = upa_runs()
+    runs = upa_runs() + upa_runs("qnli")  # a second column, where these rows must stay '-'
     table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs}, ())
     assert cells(table, "How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.15%") == \
         ["2.00x [1.50, 3.00], n=3, **replicated** (1 seed a lower bound) (post hoc: 2 of 3 seeds ran before the rule)",
-         "-", "-", "-"]
-    assert cells(table, "How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.45%") == ["-"] * 4
+         "-"]
+    assert cells(table, "How much poison: LoRA / FF, poisoned samples to 50% net ASR, BPA 0.45%") == ["-"] * 2

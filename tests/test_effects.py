@@ -134,6 +134,18 @@ def test_verdicts_table_cells():
         "> 1000 (for 0.5)")
 
 
+def test_the_second_model_is_a_verdicts_column_of_its_own_rows():
+    from study import report
+    first, second = effects.effects(upa_runs()), effects.effects(upa_runs()[:8])  # n = 3 and n = 2 (seeds 0-1)
+    lines = report.verdicts({"conv": first, "conv-mpnet": second}).splitlines()
+    assert lines[0] == "| finding | `conv` | `conv-mpnet` |"
+    f1 = next(ln for ln in lines if ln.startswith("| F1: UPA 0.3")).split(" | ")
+    assert f1[1:] == ["UPA 0.3: +4.0 [+1.5, +6.5], n=3, **replicated**",
+                      # sd 0.71, d = 0.5 / 0.71: (1.96 + 0.84)^2 / d^2 = 16 seeds by the normal approximation, t: more
+                      "UPA 0.3: +3.5 [-2.9, +9.9], n=2, **inconclusive**; seeds for the reference effect: 18 (for 0.5) |"]
+    assert next(ln for ln in lines if ln.startswith("| F1 on QNLI")).endswith(" | - |")  # SST-2's cells only
+
+
 def test_splice_replaces_only_the_marked_table(tmp_path, capsys):
     from study import report
     path = tmp_path / "REPORT.md"
@@ -375,10 +387,22 @@ def test_across_tasks_puts_each_tasks_cell_in_its_column(tmp_path):
     rows = effects.effects(upa_runs() + [dict(r, config=dict(r["config"], task="qnli")) for r in upa_runs()[:8]])
     table = effects.across_markdown(rows)
     f1 = next(ln for ln in table.splitlines() if ln.startswith("| F1"))
+    assert table.splitlines()[0] == "| finding | sst2 | cola | qnli | qqp | mrpc | rte |"  # every task, run or not
     assert f1.split(" | ")[1:] == ["+4.0 [+1.5, +6.5], n=3, replicated", effects.NO_INTERVAL,
-                                   "+3.5 [-2.9, +9.9], n=2, inconclusive", effects.NO_INTERVAL + " |"]
+                                   "+3.5 [-2.9, +9.9], n=2, inconclusive", effects.NO_INTERVAL, effects.NO_INTERVAL,
+                                   effects.NO_INTERVAL + " |"]
     assert effects.draw_forest(rows, tmp_path / "forest.png") and (tmp_path / "forest.png").stat().st_size > 0
     assert not effects.draw_forest(effects.effects(upa_runs()), tmp_path / "one.png")  # one task: nothing to set beside
+
+
+def test_a_second_models_cells_come_after_the_tasks_from_its_own_rows(tmp_path):
+    # the second model's SST-2 runs: seeds 0-1 of the same drops -> +3.5 [-2.9, +9.9], n = 2; the first model's: n = 3
+    first, second = effects.effects(upa_runs()), effects.effects(upa_runs()[:8])
+    table = effects.across_markdown(first, {"MPNet": second})
+    assert table.splitlines()[0] == "| finding | sst2 | cola | qnli | qqp | mrpc | rte | sst2 (MPNet) |"
+    f1 = next(ln for ln in table.splitlines() if ln.startswith("| F1")).split(" | ")
+    assert f1[1] == "+4.0 [+1.5, +6.5], n=3, replicated" and f1[-1] == "+3.5 [-2.9, +9.9], n=2, inconclusive |"
+    assert effects.draw_forest(first, tmp_path / "two.png", {"MPNet": second})  # one task on two models: two rows
 
 
 def backdoor_grid(task, attack, asr, seeds=range(3), asr_net=None):
