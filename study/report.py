@@ -559,7 +559,7 @@ def answer_cell(e, verdict=None):
 def answer_table(effect_rows, runs_of, defence_rows, columns=ANSWER_COLUMNS, rows=ANSWER_ROWS):
     """The answer as Markdown. effect_rows and runs_of: {protocol: effects rows / runs}; defence_rows: study/defend.py's
     contrasts (fractions), of the runs DEFENCES_RAN_ON. A cell is '-' where the question was not asked (or has fewer
-    than two paired seeds yet); a column with no runs at all is named under the table instead."""
+    than two paired seeds yet); a column with no runs but calibration runs is named under the table instead."""
     # SST-2 over three epochs: the delay rule's and the dose rule's results, per protocol
     longer = {p: (delay.delay_or_limit(runs_of[p]), dose.dose(runs_of[p])) for p in {c[1] for c in columns}
               if p in runs_of}
@@ -580,7 +580,8 @@ def answer_table(effect_rows, runs_of, defence_rows, columns=ANSWER_COLUMNS, row
             return "-"
         return answer_cell({**hits[0], **{k: 100 * hits[0][k] for k in ("mean", "lo", "hi")}})
 
-    ran = [c for c in columns if any(r["config"]["task"] == c[2] for r in runs_of.get(c[1], ()))]
+    ran = [c for c in columns if any(r["config"]["task"] == c[2] and not calibrate.is_calibration(r)
+                                     for r in runs_of.get(c[1], ()))]  # its calibration alone answers no question
     lines = ["| question | " + " | ".join(c[0] for c in ran) + " |", "|---|" + "---|" * len(ran)]
     lines += ["| " + " | ".join([label] + [cell(p, t, source) for _, p, t in ran]) + " |" for label, source in rows]
     if len(ran) < len(columns):  # a registered column is said, not dropped

@@ -36,10 +36,12 @@ def test_each_cell_is_its_tasks_effect_and_a_task_not_run_is_named_under_the_tab
         ["", "Not run yet (pre-registered in this report): CoLA, QQP, MRPC, RTE, SST-2 (MPNet)."]
 
 
-def test_a_column_with_runs_but_no_interval_yet_stays_with_dashes():
+def test_a_column_with_runs_but_no_interval_yet_stays_with_dashes_and_calibration_runs_alone_make_none():
     runs = upa_runs() + upa_runs("cola", seeds=(0,))  # CoLA: one seed, no interval
-    table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs}, ())
+    calib = [dict(run(0, 0.9, "qnli", steps=5000), curve=[{"step": 250, "acc": 0.8}, {"step": 500, "acc": 0.9}])]
+    table = report.answer_table({"conv": effects.effects(runs)}, {"conv": runs + calib}, ())
     assert table.splitlines()[0] == "| question | SST-2 | CoLA |" and cells(table, "F1")[1] == "-"
+    assert "QNLI" in table.splitlines()[-1]  # named under the table: not run yet
 
 
 def test_a_second_model_is_one_more_column():
