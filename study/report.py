@@ -409,17 +409,17 @@ its text states one (F1 0.5, F2 30 points) and a reference effect of twice the m
 
 # the verdicts table's columns: the CPU protocol, the converged one, and the converged one on MPNet-base (issue 50: its
 # F1/F2 cells on SST-2; the column appears once it has runs)
-PROTOCOLS = ("cpu", "conv", "conv-mpnet")
+VERDICT_COLUMNS = ("cpu", "conv", "conv-mpnet")
 # the headline cells of each finding: {row label: {protocol: (finding, task, condition prefix, effect or None)}}
 _F2 = lambda rate, what: ("F2", "sst2", f"BPA {rate}", what)
 HEADLINES = {
-    "F1: UPA 0.3, LoRA's extra accuracy drop": {p: ("F1", "sst2", "UPA 0.3", None) for p in PROTOCOLS},
+    "F1: UPA 0.3, LoRA's extra accuracy drop": {p: ("F1", "sst2", "UPA 0.3", None) for p in VERDICT_COLUMNS},
     "F2: ASR FF - LoRA, lower BPA rate": {"cpu": _F2("1%", "ASR FF - LoRA"),
-                                          **{p: _F2("0.15%", "ASR FF - LoRA") for p in PROTOCOLS[1:]}},
+                                          **{p: _F2("0.15%", "ASR FF - LoRA") for p in VERDICT_COLUMNS[1:]}},
     "F2: ASR FF - LoRA, higher BPA rate": {"cpu": _F2("2%", "ASR FF - LoRA"),
-                                           **{p: _F2("0.45%", "ASR FF - LoRA") for p in PROTOCOLS[1:]}},
-    "F2: net ASR FF - LoRA, lower BPA rate": {p: _F2("0.15%", "net ASR FF - LoRA") for p in PROTOCOLS[1:]},
-    "F2: net ASR FF - LoRA, higher BPA rate": {p: _F2("0.45%", "net ASR FF - LoRA") for p in PROTOCOLS[1:]},
+                                           **{p: _F2("0.45%", "ASR FF - LoRA") for p in VERDICT_COLUMNS[1:]}},
+    "F2: net ASR FF - LoRA, lower BPA rate": {p: _F2("0.15%", "net ASR FF - LoRA") for p in VERDICT_COLUMNS[1:]},
+    "F2: net ASR FF - LoRA, higher BPA rate": {p: _F2("0.45%", "net ASR FF - LoRA") for p in VERDICT_COLUMNS[1:]},
     "F3: UPA, drop(lowest rank) - drop(full rank)": {p: ("F3", "sst2", "UPA 0.3, rank 4 vs 384", None) for p in ("cpu", "conv")},
     "F3: BPA, ASR(full rank) - ASR(lowest rank)": {"cpu": ("F3", "sst2", "BPA 2%, rank 4 vs 384", None),
                                                     "conv": ("F3", "sst2", "BPA 0.45%, rank 4 vs 384", None)},
@@ -477,7 +477,7 @@ def headline_cell(rows, finding, task, cond, what):
 
 def verdicts(protocol_rows, extra_rows=()):
     """The verdicts at a glance: one row per headline finding, one column per protocol ('-': not in its design)."""
-    protocols = [p for p in PROTOCOLS if p in protocol_rows]
+    protocols = [p for p in VERDICT_COLUMNS if p in protocol_rows]
     lines = ["| finding | " + " | ".join(f"`{p}`" for p in protocols) + " |", "|---|" + "---|" * len(protocols)]
     for label, cells in HEADLINES.items():
         lines.append("| " + " | ".join([label] + [headline_cell(protocol_rows[p], *cells[p]) if p in cells else "-"
