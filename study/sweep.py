@@ -466,11 +466,11 @@ def costs(pending, per_key):
     return out
 
 
-def estimate(pending, finished, jobs, per_key=None):
-    """The pending runs' cost, per figure (costs with per_key, by default the finished runs' pooled speeds), then the
+def estimate(pending, finished, jobs, per_key):
+    """The pending runs' cost, per figure (costs with per_key: protocol_speeds' seconds per step), then the
     total and its wall-clock hours at `jobs` runs at a time. Runs with no finished run to go by are counted apart."""
     groups = []  # consecutive pending runs of one figure folder, in run order: [(folder, [cost or None])]
-    for (name, _), cost in zip(pending, costs(pending, speeds(finished) if per_key is None else per_key)):
+    for (name, _), cost in zip(pending, costs(pending, per_key)):
         folder = name.split(os.sep)[0]
         if not groups or groups[-1][0] != folder:
             groups.append((folder, []))

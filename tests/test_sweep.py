@@ -98,12 +98,12 @@ def test_estimate_by_hand(stub_glue):
                ("f12/c", flags("sst2", "ff", 300)),  # 300 s
                ("f12/d", flags("sst2", "ff", 300, "--attack", "upa", "--poison-rate", "0.3")),  # 300 s
                ("f3/e", flags("sst2", "ff", 3600))]  # 3,600 s; f3 again, after f12: a part of its own
-    lines = sweep.estimate(pending, finished, jobs=2)
+    lines = sweep.estimate(pending, finished, 2, sweep.speeds(finished))
     assert lines[1].split() == ["f3", "2", "runs", "400", "run-s,", "in", "after", "about", "0.1", "h"]  # 400/2/3600
     assert lines[2].split() == ["f12", "2", "runs", "600", "run-s,", "in", "after", "about", "0.1", "h"]
     assert lines[3].split() == ["f3", "1", "runs", "3,600", "run-s,", "in", "after", "about", "0.6", "h"]  # 4,600/2
     assert lines[4].endswith("4,600 run-s: about 0.6 h of wall time at --jobs 2")
-    assert "no finished run to go by" in sweep.estimate(pending, [], jobs=1)[1]
+    assert "no finished run to go by" in sweep.estimate(pending, [], 1, {})[1]
 
 
 def test_a_new_models_runs_are_priced_by_the_other_protocols_runs_times_the_measured_ratio(stub_glue, monkeypatch):
