@@ -266,15 +266,15 @@ def write_text(out_dir, name, text):
         f.write(text + "\n")
 
 
-def write_report(runs, out_dir, beside=None):
+def write_report(runs, out_dir, beside=None, rows=None):
     """The whole report of `runs` into out_dir: table.md (every setting, its steps a column), findings.md, tables.md
     and the figures. The paper's layouts (findings, tables, figures) show each task's grid budget: they leave out a
     protocol's calibration runs, which have their own calib-<task>.md/png, and runs of another length (the three-epoch
     runs: effects.md labels their rows with their steps, delay.md reads them). They are per task: with several
     tasks, findings.md and tables.md have a section per task and the figures are fig1-<task>.png.
     beside: {model name: effects rows} of the same protocol on other models, set beside these runs' tasks in the
-    across-tasks table and forest plot. Returns the init zoo's summary for REPORT.md where the runs hold the zoo, else
-    None."""
+    across-tasks table and forest plot. rows: these runs' effect_rows, where the caller has them already (report_all).
+    Returns the init zoo's summary for REPORT.md where the runs hold the zoo, else None."""
     all_runs, runs = runs, [r for r in runs if not calibrate.is_calibration(r)]
     os.makedirs(out_dir, exist_ok=True)
     grid = effects.at_budget(runs)
@@ -301,7 +301,7 @@ def write_report(runs, out_dir, beside=None):
                + "\n\n".join(tables))
     print(f"wrote table.md, findings.md and tables.md in {out_dir}")  # the figures said so as they were drawn
     write_calibration(all_runs, out_dir)
-    return write_effects(runs, out_dir, beside)
+    return write_effects(runs, out_dir, beside, effect_rows(all_runs) if rows is None else rows)
 
 
 def _other_lengths(runs, grid):
@@ -323,10 +323,15 @@ column "task (MODEL)" is that task on a second model, from its own protocol's re
 """
 
 
-def write_effects(runs, out_dir, beside=None):
-    """effects.md (every finding as a paired effect with its 95% interval and verdict) and the curves over training
-    (calibration runs left out: they repeat the clean settings at other rates and budgets)."""
-    rows = effects.effects(runs)
+def effect_rows(runs):
+    """Every finding as a paired effect (effects.effects), calibration runs left out: they repeat the clean settings
+    at other rates and budgets."""
+    return effects.effects([r for r in runs if not calibrate.is_calibration(r)])
+
+
+def write_effects(runs, out_dir, beside, rows):
+    """effects.md (every finding in rows, effect_rows of runs, with its 95% interval and verdict) and the curves over
+    training of runs (calibration runs left out)."""
     if rows:
         rules = "\n\n" + effects.follow_ups_markdown(effects.follow_ups(runs)) if effects.follow_ups_apply(runs) else ""
         write_text(out_dir, "effects.md", EFFECTS_HEAD + effects.markdown(rows) + rules)
@@ -596,7 +601,7 @@ def answer(root):
     runs_of = {p: ledger.runs(path) for p, path in paths.items() if os.path.isfile(path)}
     measured, retrained = defence_files(root)
     defended = defend.contrasts(*defend.registered(measured, retrained)) if os.path.isfile(measured) else ()
-    return answer_table({p: effects.effects(runs) for p, runs in runs_of.items()}, runs_of, defended)
+    return answer_table({p: effect_rows(runs) for p, runs in runs_of.items()}, runs_of, defended)
 
 
 # a second model's protocol, set beside its first model's tasks in the across-tasks table and forest plot (issue 50)
@@ -612,10 +617,10 @@ def report_all(root):
     """Every results/<protocol>/results.jsonl's report, then results/verdicts.md, then the defences experiment's."""
     paths = {p: os.path.join(root, p, "results.jsonl") for p in sorted(os.listdir(root))}
     runs_of = {p: runs for p, path in paths.items() if os.path.isfile(path) and (runs := ledger.runs(path))}
-    rows, compute, zoos = {p: effects.effects(runs) for p, runs in runs_of.items()}, [], []
+    rows, compute, zoos = {p: effect_rows(runs) for p, runs in runs_of.items()}, [], []
     for protocol, runs in runs_of.items():
         beside = {model: rows[q] for model, q in MODELS_BESIDE.get(protocol, {}).items() if q in rows}
-        if zoo := write_report(runs, os.path.join(root, protocol), beside):
+        if zoo := write_report(runs, os.path.join(root, protocol), beside, rows[protocol]):
             zoos.append(f"From `results/{protocol}/zoo.md`:\n\n{zoo}")
         compute.append(f"- `{protocol}`: {compute_used(runs, MACHINE.get(protocol, MACHINE[None]))}")
     if "conv-bf16" in runs_of and "conv" in runs_of:  # the bf16 numerics check against its fp32 twins

@@ -19,6 +19,7 @@ Student's t quantiles come from the regularised incomplete beta function (contin
 the noncentral t behind the power of a t-interval from a one-dimensional integral (Simpson's rule), so the module
 needs nothing beyond the standard library.
 """
+import functools
 import math
 
 VERDICTS = ("replicated", "opposite", "no effect", "inconclusive")
@@ -88,12 +89,14 @@ def seeds_needed(effect_size, sd, power=0.8, level=0.95, most=1000):
     probability at least `power`, for a true effect `effect_size` at seed-to-seed noise `sd`: the exact power of the
     t-test (t_power), not the normal-style approximation (t_{1-(1-level)/2, n-1} + t_{power, n-1}) sd / sqrt(n) <=
     |effect|, which can be a seed short at n = 2 (power 0.77 where it promised 0.8). None if more than `most` would
-    be needed. The power grows with n, so a bisection finds the first n that reaches it."""
+    be needed. The power grows with n, so doubling n from 2, then a bisection, finds the first n that reaches it."""
     if not sd > 0:
         raise ValueError(f"the seed-to-seed standard deviation must be > 0, got {sd}")
     if effect_size == 0 or t_power(effect_size, sd, most, level) < power:
         return None
-    lo, hi = 1, most  # t_power(lo) is below `power` (one seed gives no interval), t_power(hi) reaches it
+    lo, hi = 1, 2  # t_power(lo) is below `power` (one seed gives no interval); double hi until t_power(hi) reaches it
+    while hi < most and t_power(effect_size, sd, hi, level) < power:
+        lo, hi = hi, min(2 * hi, most)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if t_power(effect_size, sd, mid, level) >= power else (mid, hi)
@@ -209,6 +212,7 @@ def t_cdf(t, df):
     return 1 - tail if t >= 0 else tail
 
 
+@functools.cache  # a pure function of (p, df), asked again for each power (seeds_needed) and interval
 def t_quantile(p, df):
     """The p-quantile of Student's t with df degrees of freedom (bisection on t_cdf, to 1e-10)."""
     if not 0 < p < 1:

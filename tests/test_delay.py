@@ -81,7 +81,8 @@ def test_limit_and_inconclusive():
 
 def test_the_report_writes_delay_md_and_the_three_epoch_curves(tmp_path):
     from study import report
-    report.write_effects(grid([0.95, 0.97, 0.93]), str(tmp_path))
+    runs = grid([0.95, 0.97, 0.93])
+    report.write_effects(runs, str(tmp_path), None, report.effect_rows(runs))
     assert (tmp_path / "delay.md").read_text().startswith("# Delay or limit: SST-2, BPA 0.15%, 12,628 steps")
     assert (tmp_path / "curves-sst2-3ep.png").stat().st_size > 0
 
